@@ -1,0 +1,135 @@
+//! The best-fit document store.
+//!
+//! Documents are keyed by `(length, arrival sequence number)`, so a `BTreeMap` answers both
+//! questions the packer asks in `O(log n)`: "longest document no longer than `r`, earliest among
+//! equals" and "shortest document, earliest among equals".
+
+use std::collections::BTreeMap;
+
+/// One document: its tokens and its position in the arrival order of the stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Doc {
+    pub seq: u64,
+    pub tokens: Box<[u32]>,
+}
+
+impl Doc {
+    pub fn len(&self) -> usize {
+        self.tokens.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tokens.is_empty()
+    }
+}
+
+/// Buffered documents ordered by length, then by arrival.
+#[derive(Debug, Default, Clone)]
+pub struct DocBuffer {
+    docs: BTreeMap<(usize, u64), Box<[u32]>>,
+    tokens: usize,
+}
+
+impl DocBuffer {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Number of documents held.
+    pub fn len(&self) -> usize {
+        self.docs.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.docs.is_empty()
+    }
+
+    /// Total tokens over all held documents.
+    pub fn num_tokens(&self) -> usize {
+        self.tokens
+    }
+
+    pub fn insert(&mut self, doc: Doc) {
+        self.tokens += doc.len();
+        self.docs.insert((doc.len(), doc.seq), doc.tokens);
+    }
+
+    /// Remove the document with this length and sequence number, if held.
+    pub fn remove(&mut self, len: usize, seq: u64) -> Option<Doc> {
+        let tokens = self.docs.remove(&(len, seq))?;
+        self.tokens -= tokens.len();
+        Some(Doc { seq, tokens })
+    }
+
+    /// Remove and return the longest document with `len <= max_len` (earliest arrived among equals).
+    pub fn take_longest_fitting(&mut self, max_len: usize) -> Option<Doc> {
+        // The last key <= (max_len, MAX) has the best length but the *latest* arrival of that
+        // length; a second lookup finds the earliest one.
+        let (&(len, _), _) = self.docs.range(..=(max_len, u64::MAX)).next_back()?;
+        let (&(_, seq), _) = self.docs.range((len, 0)..).next()?;
+        self.remove(len, seq)
+    }
+
+    /// Remove and return the shortest document (earliest arrived among equals).
+    pub fn take_shortest(&mut self) -> Option<Doc> {
+        let (&(len, seq), _) = self.docs.first_key_value()?;
+        self.remove(len, seq)
+    }
+
+    /// All documents in arrival order.
+    pub fn by_arrival(&self) -> Vec<(u64, &[u32])> {
+        let mut docs: Vec<(u64, &[u32])> = self.docs.iter().map(|(&(_, seq), t)| (seq, &t[..])).collect();
+        docs.sort_unstable_by_key(|&(seq, _)| seq);
+        docs
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn doc(seq: u64, len: usize) -> Doc {
+        Doc { seq, tokens: vec![seq as u32; len].into_boxed_slice() }
+    }
+
+    fn filled(lens: &[usize]) -> DocBuffer {
+        let mut b = DocBuffer::new();
+        for (seq, &len) in lens.iter().enumerate() {
+            b.insert(doc(seq as u64, len));
+        }
+        b
+    }
+
+    #[test]
+    fn longest_fitting_prefers_length_then_earliest_arrival() {
+        let mut b = filled(&[3, 7, 5, 7, 9]);
+        assert_eq!(b.take_longest_fitting(8).map(|d| d.seq), Some(1));
+        assert_eq!(b.take_longest_fitting(8).map(|d| d.seq), Some(3));
+        assert_eq!(b.take_longest_fitting(8).map(|d| d.seq), Some(2));
+        assert_eq!(b.take_longest_fitting(2).map(|d| d.seq), None);
+        assert_eq!(b.take_longest_fitting(9).map(|d| d.seq), Some(4));
+        assert_eq!(b.len(), 1);
+        assert_eq!(b.num_tokens(), 3);
+    }
+
+    #[test]
+    fn shortest_prefers_earliest_arrival() {
+        let mut b = filled(&[4, 2, 2, 9]);
+        assert_eq!(b.take_shortest().map(|d| d.seq), Some(1));
+        assert_eq!(b.take_shortest().map(|d| d.seq), Some(2));
+        assert_eq!(b.take_shortest().map(|d| d.seq), Some(0));
+        assert_eq!(b.take_shortest().map(|d| d.seq), Some(3));
+        assert!(b.take_shortest().is_none());
+        assert_eq!(b.num_tokens(), 0);
+    }
+
+    #[test]
+    fn remove_and_arrival_order() {
+        let mut b = filled(&[4, 2, 6]);
+        assert!(b.remove(2, 0).is_none());
+        assert_eq!(b.remove(2, 1).map(|d| d.len()), Some(2));
+        let order: Vec<u64> = b.by_arrival().iter().map(|&(s, _)| s).collect();
+        assert_eq!(order, vec![0, 2]);
+        assert_eq!(b.num_tokens(), 10);
+    }
+}

@@ -1,0 +1,504 @@
+//! The packer: a pending stream, the best-fit buffer, row filling and transactional batches.
+
+use std::collections::VecDeque;
+
+use crate::buffer::{Doc, DocBuffer};
+use crate::PackError;
+
+/// Value written into `targets` over the audio prefix: the loss's ignore index.
+pub const IGNORE_INDEX: i64 = -1;
+
+/// Shape of the rows and behaviour of the buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PackerConfig {
+    /// Positions the model sees per row: `audio_prefix_len + T_text`.
+    pub seq_len: usize,
+    /// Documents the buffer is topped up to before every placement.
+    pub buffer_size: usize,
+    /// Audio soft-token positions in front of the text (0 for text-only training).
+    pub audio_prefix_len: usize,
+    /// When set, every pushed document must start with this token.
+    pub bos_token_id: Option<u32>,
+}
+
+impl PackerConfig {
+    pub fn new(
+        seq_len: usize,
+        buffer_size: usize,
+        audio_prefix_len: usize,
+        bos_token_id: Option<u32>,
+    ) -> Result<Self, PackError> {
+        let config = PackerConfig { seq_len, buffer_size, audio_prefix_len, bos_token_id };
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn validate(&self) -> Result<(), PackError> {
+        if self.seq_len <= self.audio_prefix_len {
+            return Err(PackError::InvalidConfig(format!(
+                "seq_len ({}) must be greater than audio_prefix_len ({}) so rows hold at least one text token",
+                self.seq_len, self.audio_prefix_len
+            )));
+        }
+        if self.buffer_size < 1 {
+            return Err(PackError::InvalidConfig("buffer_size must be at least 1".into()));
+        }
+        Ok(())
+    }
+
+    /// Text positions per row of `inputs`: `seq_len - audio_prefix_len`.
+    pub fn text_len(&self) -> usize {
+        self.seq_len - self.audio_prefix_len
+    }
+
+    /// Tokens per packed row: one more than the inputs, since targets are shifted by one.
+    pub fn row_capacity(&self) -> usize {
+        self.text_len() + 1
+    }
+}
+
+/// Cumulative counters. With the buffered and pending tokens they account for every token pushed:
+/// `tokens_in == tokens_placed + tokens_cropped + tokens_buffered + tokens_pending`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stats {
+    pub docs_in: u64,
+    pub tokens_in: u64,
+    /// Tokens written into rows (whole documents and the kept heads of cropped ones).
+    pub tokens_placed: u64,
+    /// Tokens discarded from the tails of cropped documents.
+    pub tokens_cropped: u64,
+    /// Documents placed whole.
+    pub docs_placed: u64,
+    /// Documents placed partially (their tail discarded).
+    pub docs_cropped: u64,
+    pub rows_packed: u64,
+}
+
+/// What a batch changed, so a batch that cannot complete is undone exactly.
+struct Journal {
+    stats: Stats,
+    /// `(len, seq)` of documents moved from the pending queue into the buffer, in order.
+    moved_in: Vec<(usize, u64)>,
+    /// Documents taken out of the buffer (placed or cropped), whole.
+    taken: Vec<Doc>,
+}
+
+/// Best-fit packer over a stream of documents. See the crate docs for the rules.
+#[derive(Debug, Clone)]
+pub struct Packer {
+    config: PackerConfig,
+    pending: VecDeque<Doc>,
+    pending_tokens: usize,
+    buffer: DocBuffer,
+    /// Arrival sequence number of the next pushed document (equals `stats.docs_in`).
+    next_seq: u64,
+    finished: bool,
+    stats: Stats,
+}
+
+impl Packer {
+    pub fn new(config: PackerConfig) -> Result<Self, PackError> {
+        config.validate()?;
+        Ok(Packer {
+            config,
+            pending: VecDeque::new(),
+            pending_tokens: 0,
+            buffer: DocBuffer::new(),
+            next_seq: 0,
+            finished: false,
+            stats: Stats::default(),
+        })
+    }
+
+    pub fn config(&self) -> &PackerConfig {
+        &self.config
+    }
+
+    pub fn stats(&self) -> Stats {
+        self.stats
+    }
+
+    pub fn is_finished(&self) -> bool {
+        self.finished
+    }
+
+    pub fn next_seq(&self) -> u64 {
+        self.next_seq
+    }
+
+    pub fn docs_buffered(&self) -> usize {
+        self.buffer.len()
+    }
+
+    pub fn tokens_buffered(&self) -> usize {
+        self.buffer.num_tokens()
+    }
+
+    pub fn docs_pending(&self) -> usize {
+        self.pending.len()
+    }
+
+    pub fn tokens_pending(&self) -> usize {
+        self.pending_tokens
+    }
+
+    /// Buffered documents in arrival order.
+    pub fn buffered_docs(&self) -> Vec<(u64, &[u32])> {
+        self.buffer.by_arrival()
+    }
+
+    /// Pending documents in arrival order.
+    pub fn pending_docs(&self) -> impl Iterator<Item = (u64, &[u32])> {
+        self.pending.iter().map(|d| (d.seq, &d.tokens[..]))
+    }
+
+    /// Append documents to the stream: document `i` is `tokens[offsets[i]..offsets[i + 1]]`.
+    ///
+    /// `offsets` starts at 0, ends at `tokens.len()` and is strictly increasing (documents are
+    /// never empty). Everything is validated before anything is added, so an error changes nothing.
+    pub fn push(&mut self, tokens: &[u32], offsets: &[i64]) -> Result<(), PackError> {
+        if self.finished {
+            return Err(PackError::StreamFinished);
+        }
+        let bounds = validate_offsets(tokens.len(), offsets)?;
+        if let Some(bos) = self.config.bos_token_id {
+            check_bos(tokens, &bounds, bos)?;
+        }
+        for &(start, end) in &bounds {
+            self.pending.push_back(Doc { seq: self.next_seq, tokens: tokens[start..end].into() });
+            self.next_seq += 1;
+        }
+        self.pending_tokens += tokens.len();
+        self.stats.docs_in += bounds.len() as u64;
+        self.stats.tokens_in += tokens.len() as u64;
+        Ok(())
+    }
+
+    /// Mark the end of the stream: top-ups then take whatever is left instead of waiting for
+    /// `buffer_size` documents, and `pack_into` fails only once the buffer runs empty.
+    pub fn finish(&mut self) {
+        self.finished = true;
+    }
+
+    /// Fill `B` rows: `inputs` is `B * T_text` and `targets` is `B * seq_len` values, row-major.
+    ///
+    /// Returns `Ok(false)` — with the packer exactly as before the call — when the stream runs
+    /// dry first: a top-up cannot reach `buffer_size` documents (or, after `finish`, the buffer is
+    /// empty). The output buffers then hold partial garbage. Push more documents and call again.
+    pub fn pack_into(&mut self, inputs: &mut [i64], targets: &mut [i64]) -> Result<bool, PackError> {
+        let rows = self.check_batch(inputs.len(), targets.len())?;
+        let (text_len, seq_len) = (self.config.text_len(), self.config.seq_len);
+        let mut journal = Journal { stats: self.stats, moved_in: Vec::new(), taken: Vec::new() };
+        for (in_row, tgt_row) in inputs.chunks_exact_mut(text_len).zip(targets.chunks_exact_mut(seq_len)) {
+            if !self.fill_row(in_row, tgt_row, &mut journal) {
+                self.rollback(journal);
+                return Ok(false);
+            }
+        }
+        self.stats.rows_packed += rows as u64;
+        Ok(true)
+    }
+
+    fn check_batch(&self, inputs_len: usize, targets_len: usize) -> Result<usize, PackError> {
+        let (text_len, seq_len) = (self.config.text_len(), self.config.seq_len);
+        let rows = inputs_len / text_len;
+        if rows == 0 || inputs_len != rows * text_len || targets_len != rows * seq_len {
+            return Err(PackError::BatchShape(format!(
+                "need inputs of B * {text_len} and targets of B * {seq_len} values with B >= 1, \
+                 got {inputs_len} and {targets_len}"
+            )));
+        }
+        Ok(rows)
+    }
+
+    /// Fill one row; false when the stream ran dry (the journal lets the caller undo the batch).
+    fn fill_row(&mut self, inputs: &mut [i64], targets: &mut [i64], journal: &mut Journal) -> bool {
+        let audio = self.config.audio_prefix_len;
+        targets[..audio].fill(IGNORE_INDEX);
+        let text_targets = &mut targets[audio..];
+        let capacity = self.config.row_capacity();
+        let mut pos = 0;
+        while pos < capacity {
+            if !self.top_up(journal) {
+                return false;
+            }
+            let remaining = capacity - pos;
+            let doc = match self.buffer.take_longest_fitting(remaining) {
+                Some(doc) => {
+                    self.stats.docs_placed += 1;
+                    doc
+                }
+                None => match self.buffer.take_shortest() {
+                    Some(doc) => {
+                        self.stats.docs_cropped += 1;
+                        self.stats.tokens_cropped += (doc.len() - remaining) as u64;
+                        doc
+                    }
+                    None => return false, // unreachable: top_up guarantees a non-empty buffer
+                },
+            };
+            let placed = doc.len().min(remaining);
+            write_piece(inputs, text_targets, pos, &doc.tokens[..placed]);
+            self.stats.tokens_placed += placed as u64;
+            pos += placed;
+            journal.taken.push(doc);
+        }
+        true
+    }
+
+    /// Move pending documents into the buffer up to `buffer_size`. False when the buffer cannot
+    /// be made ready: short of `buffer_size` while the stream is open, or empty once finished.
+    fn top_up(&mut self, journal: &mut Journal) -> bool {
+        while self.buffer.len() < self.config.buffer_size {
+            let Some(doc) = self.pending.pop_front() else { break };
+            self.pending_tokens -= doc.len();
+            journal.moved_in.push((doc.len(), doc.seq));
+            self.buffer.insert(doc);
+        }
+        if self.finished {
+            !self.buffer.is_empty()
+        } else {
+            self.buffer.len() >= self.config.buffer_size
+        }
+    }
+
+    fn rollback(&mut self, journal: Journal) {
+        for doc in journal.taken {
+            self.buffer.insert(doc);
+        }
+        // The documents moved in are the newest in the buffer; return them to the queue's front
+        // newest first so the queue regains its original order.
+        for &(len, seq) in journal.moved_in.iter().rev() {
+            let doc = self.buffer.remove(len, seq);
+            debug_assert!(doc.is_some(), "journal names a document the buffer does not hold");
+            if let Some(doc) = doc {
+                self.pending_tokens += doc.len();
+                self.pending.push_front(doc);
+            }
+        }
+        self.stats = journal.stats;
+    }
+
+    /// Rebuild a packer from its parts; `state::PackerState` validates them first.
+    pub(crate) fn from_parts(
+        config: PackerConfig,
+        stats: Stats,
+        finished: bool,
+        buffer: Vec<Doc>,
+        pending: Vec<Doc>,
+    ) -> Self {
+        let mut packer = Packer {
+            config,
+            pending: VecDeque::with_capacity(pending.len()),
+            pending_tokens: 0,
+            buffer: DocBuffer::new(),
+            next_seq: stats.docs_in,
+            finished,
+            stats,
+        };
+        for doc in buffer {
+            packer.buffer.insert(doc);
+        }
+        for doc in pending {
+            packer.pending_tokens += doc.len();
+            packer.pending.push_back(doc);
+        }
+        packer
+    }
+}
+
+/// Check offsets and turn them into `(start, end)` pairs of non-empty documents.
+fn validate_offsets(num_tokens: usize, offsets: &[i64]) -> Result<Vec<(usize, usize)>, PackError> {
+    let (Some(&first), Some(&last)) = (offsets.first(), offsets.last()) else {
+        return Err(PackError::InvalidOffsets("offsets must hold at least one value (0)".into()));
+    };
+    if first != 0 {
+        return Err(PackError::InvalidOffsets(format!("offsets[0] must be 0, got {first}")));
+    }
+    if usize::try_from(last).ok() != Some(num_tokens) {
+        return Err(PackError::InvalidOffsets(format!(
+            "offsets[-1] must equal the number of tokens ({num_tokens}), got {last}"
+        )));
+    }
+    let mut bounds = Vec::with_capacity(offsets.len() - 1);
+    for (index, w) in offsets.windows(2).enumerate() {
+        if w[1] <= w[0] {
+            return Err(if w[1] == w[0] {
+                PackError::EmptyDocument { index }
+            } else {
+                PackError::InvalidOffsets(format!(
+                    "offsets must be strictly increasing, but offsets[{index}] = {} > offsets[{}] = {}",
+                    w[0],
+                    index + 1,
+                    w[1]
+                ))
+            });
+        }
+        // Strictly increasing from 0 up to `num_tokens` keeps every value in 0..=num_tokens.
+        bounds.push((w[0] as usize, w[1] as usize));
+    }
+    Ok(bounds)
+}
+
+fn check_bos(tokens: &[u32], bounds: &[(usize, usize)], bos: u32) -> Result<(), PackError> {
+    for (index, &(start, _)) in bounds.iter().enumerate() {
+        if tokens[start] != bos {
+            return Err(PackError::MissingBos { index, found: tokens[start], expected: bos });
+        }
+    }
+    Ok(())
+}
+
+/// Write `piece`, occupying row positions `pos..pos + piece.len()`, into the two views of a row:
+/// `inputs[p] = row[p]` for `p < T_text` and `text_targets[p - 1] = row[p]` for `p >= 1`.
+fn write_piece(inputs: &mut [i64], text_targets: &mut [i64], pos: usize, piece: &[u32]) {
+    let end = pos + piece.len();
+    let in_end = end.min(inputs.len());
+    if pos < in_end {
+        for (dst, &src) in inputs[pos..in_end].iter_mut().zip(&piece[..in_end - pos]) {
+            *dst = i64::from(src);
+        }
+    }
+    // Row position 0 has no target (nothing predicts the first token).
+    let skip = usize::from(pos == 0);
+    if end > pos + skip {
+        let dst = &mut text_targets[pos + skip - 1..end - 1];
+        for (dst, &src) in dst.iter_mut().zip(&piece[skip..]) {
+            *dst = i64::from(src);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BOS: u32 = 1000;
+
+    fn packer(seq_len: usize, buffer_size: usize, audio: usize) -> Packer {
+        Packer::new(PackerConfig::new(seq_len, buffer_size, audio, Some(BOS)).unwrap()).unwrap()
+    }
+
+    /// Documents of the given lengths; token `j` of document `i` is `BOS` for j = 0, else 10_000 * (i + 1) + j.
+    fn flat(lens: &[usize]) -> (Vec<u32>, Vec<i64>) {
+        let mut tokens = Vec::new();
+        let mut offsets = vec![0i64];
+        for (i, &len) in lens.iter().enumerate() {
+            tokens.push(BOS);
+            tokens.extend((1..len).map(|j| (10_000 * (i + 1) + j) as u32));
+            offsets.push(tokens.len() as i64);
+        }
+        (tokens, offsets)
+    }
+
+    fn pack(p: &mut Packer, rows: usize) -> Option<(Vec<i64>, Vec<i64>)> {
+        let cfg = *p.config();
+        let mut inputs = vec![0i64; rows * cfg.text_len()];
+        let mut targets = vec![0i64; rows * cfg.seq_len];
+        p.pack_into(&mut inputs, &mut targets).unwrap().then_some((inputs, targets))
+    }
+
+    #[test]
+    fn config_validation() {
+        assert!(matches!(PackerConfig::new(4, 1, 4, None), Err(PackError::InvalidConfig(_))));
+        assert!(matches!(PackerConfig::new(4, 0, 0, None), Err(PackError::InvalidConfig(_))));
+        assert_eq!(PackerConfig::new(8, 1, 3, None).unwrap().row_capacity(), 6);
+    }
+
+    #[test]
+    fn push_validation_changes_nothing_on_error() {
+        let mut p = packer(8, 2, 0);
+        assert!(matches!(p.push(&[BOS], &[]), Err(PackError::InvalidOffsets(_))));
+        assert!(matches!(p.push(&[BOS], &[1, 1]), Err(PackError::InvalidOffsets(_))));
+        assert!(matches!(p.push(&[BOS, 2], &[0, 1]), Err(PackError::InvalidOffsets(_))));
+        assert!(matches!(p.push(&[BOS, 2], &[0, 3]), Err(PackError::InvalidOffsets(_))));
+        assert!(matches!(p.push(&[BOS, 2], &[0, 2, 1, 2]), Err(PackError::InvalidOffsets(_))));
+        assert_eq!(p.push(&[BOS, 2], &[0, 0, 2]), Err(PackError::EmptyDocument { index: 0 }));
+        assert_eq!(
+            p.push(&[BOS, 2, 7], &[0, 2, 3]),
+            Err(PackError::MissingBos { index: 1, found: 7, expected: BOS })
+        );
+        assert_eq!(p.stats(), Stats::default());
+        assert_eq!(p.docs_pending(), 0);
+        p.push(&[], &[0]).unwrap();
+        assert_eq!(p.docs_pending(), 0);
+        p.finish();
+        assert_eq!(p.push(&[BOS], &[0, 1]), Err(PackError::StreamFinished));
+    }
+
+    fn as_row(parts: &[&[u32]]) -> Vec<i64> {
+        parts.concat().iter().map(|&x| i64::from(x)).collect()
+    }
+
+    #[test]
+    fn best_fit_then_crop_shortest() {
+        // Capacity 8. Offsets: doc0 0..6, doc1 6..11, doc2 11..20, doc3 20..23, doc4 23..27, doc5 27..36.
+        let mut p = packer(7, 4, 0);
+        let (t, o) = flat(&[6, 5, 9, 3, 4, 9]);
+        p.push(&t, &o).unwrap();
+        // Buffer {6, 5, 9, 3}: the longest fitting is doc0 (6); 2 left, the top-up adds doc4 (4),
+        // nothing fits and the shortest, doc3 (3), is cropped to 2 tokens.
+        let (inputs, targets) = pack(&mut p, 1).unwrap();
+        let row = as_row(&[&t[0..6], &t[20..22]]);
+        assert_eq!(inputs, row[..7]);
+        assert_eq!(targets, row[1..]);
+        // Buffer {5, 9, 4, 9(doc5)}: doc1 (5) is placed, then the top-up finds nothing pending.
+        assert!(pack(&mut p, 1).is_none());
+        p.finish();
+        let (inputs, _) = pack(&mut p, 1).unwrap();
+        assert_eq!(inputs, as_row(&[&t[6..11], &t[23..26]])[..7]);
+        // Two documents of length 9 are left: the tie goes to the earlier one, doc2.
+        let (inputs, targets) = pack(&mut p, 1).unwrap();
+        assert_eq!(inputs, as_row(&[&t[11..18]]));
+        assert_eq!(targets, as_row(&[&t[12..19]]));
+        let s = p.stats();
+        assert_eq!((s.docs_placed, s.docs_cropped, s.tokens_cropped, s.rows_packed), (2, 3, 3, 3));
+        let held = (p.tokens_buffered() + p.tokens_pending()) as u64;
+        assert_eq!(s.tokens_in, s.tokens_placed + s.tokens_cropped + held);
+        assert_eq!(p.buffered_docs().iter().map(|&(seq, _)| seq).collect::<Vec<_>>(), vec![5]);
+    }
+
+    #[test]
+    fn audio_prefix_targets() {
+        let mut p = packer(6, 1, 2);
+        let (t, o) = flat(&[5]);
+        p.push(&t, &o).unwrap();
+        p.finish();
+        let (inputs, targets) = pack(&mut p, 1).unwrap();
+        let row: Vec<i64> = t.iter().map(|&x| i64::from(x)).collect();
+        assert_eq!(inputs, row[..4]);
+        assert_eq!(targets[..2], [-1, -1]);
+        assert_eq!(targets[2..], row[1..]);
+    }
+
+    #[test]
+    fn dry_stream_rolls_back_exactly() {
+        // Capacity 8, buffer 3, five documents of 4: a row takes two documents and each placement
+        // needs a full buffer, so the second row's second placement finds the stream dry.
+        let mut p = packer(7, 3, 0);
+        let (t, o) = flat(&[4, 4, 4, 4, 4]);
+        p.push(&t, &o).unwrap();
+        let before = format!("{p:?}");
+        assert!(pack(&mut p, 2).is_none());
+        assert_eq!(format!("{p:?}"), before);
+        assert!(pack(&mut p, 1).is_some());
+        assert!(pack(&mut p, 1).is_none());
+        p.finish();
+        assert!(pack(&mut p, 1).is_some());
+        // One document is left: it cannot fill a row, so the batch fails and it stays buffered.
+        let before = format!("{p:?}");
+        assert!(pack(&mut p, 1).is_none());
+        assert_eq!(format!("{p:?}"), before);
+        assert_eq!(p.docs_buffered() + p.docs_pending(), 1);
+    }
+
+    #[test]
+    fn wrong_batch_shapes_are_errors() {
+        let mut p = packer(4, 1, 1);
+        let mut a = vec![0i64; 3];
+        let mut b = vec![0i64; 3];
+        assert!(matches!(p.pack_into(&mut a, &mut b), Err(PackError::BatchShape(_))));
+        let mut empty: Vec<i64> = vec![];
+        assert!(matches!(p.pack_into(&mut empty, &mut b), Err(PackError::BatchShape(_))));
+    }
+}

@@ -1,0 +1,272 @@
+"""Training checkpoints: save, validate, load, and rebuild a model for inference.
+
+Layout, one directory per step::
+
+    <directory>/step_000020/model.pt         fp32 model state (rank 0)
+    <directory>/step_000020/optim_rank0.pt   optimizer state of each rank (ZeRO-style shards differ)
+    <directory>/step_000020/meta.json        config, step, dataloader state, tokenizer, format version
+
+Every file is written to a temporary name in the same directory, fsynced and renamed into place, and
+meta.json is written last (after all ranks finished their optimizer shards), so a step directory with a
+meta.json is complete: a crash mid-save can never leave something that looks like a checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+from collections.abc import Callable
+from dataclasses import asdict, is_dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as dist
+
+from nanochat_rs.common import get_dist_info, is_ddp_initialized
+
+if TYPE_CHECKING:
+    from nanochat_rs.gpt import GPT
+    from nanochat_rs.tokenizer import Tokenizer
+
+FORMAT = "nanochat_rs-checkpoint"
+FORMAT_VERSION = 1
+MODEL_FILE = "model.pt"
+META_FILE = "meta.json"
+REQUIRED_META_KEYS = ("model_config", "step", "dataloader_state", "tokenizer_dir")
+_STEP_DIR = re.compile(r"^step_(\d{6,})$")
+_COMPILE_PREFIX = "_orig_mod."  # torch.compile wraps modules; checkpoints hold the plain names
+
+
+class CheckpointError(ValueError):
+    """A checkpoint exists but is unusable (corrupt, truncated, incompatible)."""
+
+
+def step_dir(directory: str | os.PathLike[str], step: int) -> Path:
+    return Path(directory) / f"step_{step:06d}"
+
+
+def optim_filename(rank: int) -> str:
+    return f"optim_rank{rank}.pt"
+
+
+def find_steps(directory: str | os.PathLike[str]) -> list[int]:
+    """Steps with a complete checkpoint (meta.json present), ascending."""
+    root = Path(directory)
+    if not root.is_dir():
+        return []
+    return sorted(int(m.group(1)) for p in root.iterdir()
+                  if (m := _STEP_DIR.match(p.name)) and (p / META_FILE).is_file())
+
+
+def find_last_step(directory: str | os.PathLike[str]) -> int:
+    """The newest complete checkpoint step in `directory`; FileNotFoundError when there is none."""
+    steps = find_steps(directory)
+    if not steps:
+        raise FileNotFoundError(f"no complete checkpoint (step_NNNNNN/{META_FILE}) in {directory}")
+    return steps[-1]
+
+
+def tokenizer_fingerprint(tokenizer_dir: str | os.PathLike[str]) -> str:
+    """sha256 over the files of a saved tokenizer: identifies the vocabulary a model was trained with."""
+    root = Path(tokenizer_dir)
+    files = []
+    if root.is_dir():
+        files = sorted(p for p in root.iterdir() if p.is_file() and not p.name.startswith("."))
+    if not files:
+        raise FileNotFoundError(f"no tokenizer files in {root}")
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+# ---- writing ----------------------------------------------------------------------------------
+
+
+def _atomic_write(path: Path, write: Callable[[Any], None], mode: str = "wb") -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _plain_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """fp32 CPU copies of every entry, keyed without torch.compile's prefix."""
+    state = {}
+    for key, value in model.state_dict().items():
+        key = key.removeprefix(_COMPILE_PREFIX)
+        value = value.detach().cpu()
+        state[key] = value.float() if value.is_floating_point() else value.clone()
+    return state
+
+
+def _barrier() -> None:
+    if is_ddp_initialized():
+        dist.barrier()
+
+
+def _full_meta(step: int, model: torch.nn.Module, meta: dict[str, Any],
+               has_optimizer: bool) -> dict[str, Any]:
+    full = dict(meta)
+    if "model_config" not in full:
+        config = getattr(model, "config", None)
+        if not is_dataclass(config):
+            raise ValueError("meta needs 'model_config' (the model has no dataclass .config to take it from)")
+        full["model_config"] = asdict(config)  # type: ignore[arg-type]
+    missing = [k for k in REQUIRED_META_KEYS if k not in full and k != "step"]
+    if missing:
+        raise ValueError(f"checkpoint meta is missing required keys {missing}")
+    full.update(format=FORMAT, format_version=FORMAT_VERSION, step=step, has_optimizer=has_optimizer,
+                num_ranks=get_dist_info().world_size)
+    try:
+        json.dumps(full)
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"checkpoint meta must be JSON-serialisable: {e}") from None
+    return full
+
+
+def save_checkpoint(directory: str | os.PathLike[str], step: int, model: torch.nn.Module,
+                    optimizer: torch.optim.Optimizer | None, meta: dict[str, Any], rank: int = 0) -> Path:
+    """Save `step` under `directory` and return the step directory. Call it on every rank.
+
+    Rank 0 writes the model and meta.json; each rank writes its own optimizer state. `meta` must be
+    JSON-serialisable and contain at least "dataloader_state" and "tokenizer_dir" ("model_config" is
+    taken from `model.config` when absent; "step" and the format fields are filled in here).
+    """
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError(f"step must be a non-negative int, got {step!r}")
+    full = _full_meta(step, model, meta, optimizer is not None)  # validate before touching the disk
+    target = step_dir(directory, step)
+    target.mkdir(parents=True, exist_ok=True)
+    if rank == 0:
+        # Overwriting a step: drop its completeness marker first so a crash can't mix old and new files.
+        (target / META_FILE).unlink(missing_ok=True)
+    _barrier()
+    if rank == 0:
+        state = _plain_state_dict(model)
+        _atomic_write(target / MODEL_FILE, lambda f: torch.save(state, f))
+    if optimizer is not None:
+        optim_state = optimizer.state_dict()
+        _atomic_write(target / optim_filename(rank), lambda f: torch.save(optim_state, f))
+    _barrier()  # every rank's files are in place before the marker appears
+    if rank == 0:
+        _atomic_write(target / META_FILE, lambda f: f.write(json.dumps(full, indent=2) + "\n"), mode="w")
+    _barrier()
+    return target
+
+
+# ---- reading ----------------------------------------------------------------------------------
+
+
+def _read_meta(path: Path) -> dict[str, Any]:
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"corrupt checkpoint metadata {path}: {e}") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a nanochat_rs checkpoint")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{path} has format version {meta.get('format_version')}, "
+                              f"this code reads version {FORMAT_VERSION}")
+    missing = [k for k in REQUIRED_META_KEYS if k not in meta]
+    if missing:
+        raise CheckpointError(f"{path} is missing required keys {missing}")
+    return meta
+
+
+def _load_tensor_file(path: Path, device: str | torch.device, what: str) -> Any:
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint is incomplete: {what} file {path} is missing")
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # torch raises RuntimeError/EOFError/UnpicklingError/... for damaged files
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"corrupt or truncated {what} file {path}: {first_line}") from None
+
+
+def _resolve_step(directory: Path, step: int | None) -> int:
+    if not directory.is_dir():
+        raise FileNotFoundError(f"checkpoint directory {directory} does not exist")
+    if step is None:
+        return find_last_step(directory)
+    if not (step_dir(directory, step) / META_FILE).is_file():
+        available = find_steps(directory)
+        raise FileNotFoundError(f"no complete checkpoint for step {step} in {directory} "
+                                f"(available steps: {available or 'none'})")
+    return step
+
+
+def load_checkpoint(
+    directory: str | os.PathLike[str], step: int | None = None, device: str | torch.device = "cpu",
+    load_optimizer: bool = True,
+) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None, dict[str, Any]]:
+    """Load (model_state, optimizer_state_of_this_rank | None, meta); `step=None` means the newest.
+
+    Missing directories/steps raise FileNotFoundError; damaged or incompatible files CheckpointError.
+    """
+    root = Path(directory)
+    step = _resolve_step(root, step)
+    target = step_dir(root, step)
+    meta = _read_meta(target / META_FILE)
+    model_state = _load_tensor_file(target / MODEL_FILE, device, "model")
+    if not isinstance(model_state, dict):
+        raise CheckpointError(f"{target / MODEL_FILE} does not hold a state dict")
+    optim_state = None
+    if load_optimizer:
+        if not meta.get("has_optimizer", False):
+            raise CheckpointError(f"checkpoint {target} was saved without optimizer state")
+        info = get_dist_info()
+        if meta.get("num_ranks") != info.world_size:
+            raise CheckpointError(f"checkpoint {target} has optimizer state for {meta.get('num_ranks')} "
+                                  f"ranks, this run has {info.world_size} (resume with the same world size)")
+        optim_state = _load_tensor_file(target / optim_filename(info.rank), device, "optimizer")
+    return model_state, optim_state, meta
+
+
+def build_model(model_config: dict[str, Any], device: str | torch.device) -> GPT:
+    """Construct a GPT from a saved config dict: built on meta, materialised on `device`, initialised."""
+    from nanochat_rs.gpt import GPT, GPTConfig
+
+    try:
+        config = GPTConfig(**model_config)
+    except TypeError as e:
+        raise CheckpointError(f"checkpoint model_config does not match GPTConfig: {e}") from None
+    with torch.device("meta"):
+        model = GPT(config)
+    model.to_empty(device=device)
+    model.init_weights()  # also fills non-persistent buffers (rotary tables) that state dicts don't carry
+    return model
+
+
+def load_model(directory: str | os.PathLike[str], device: str | torch.device,
+               step: int | None = None) -> tuple[GPT, Tokenizer, dict[str, Any]]:
+    """Rebuild the model of a checkpoint (eval mode) and the tokenizer it was trained with."""
+    from nanochat_rs.tokenizer import Tokenizer
+
+    model_state, _, meta = load_checkpoint(directory, step, device=device, load_optimizer=False)
+    model = build_model(meta["model_config"], device)
+    try:
+        model.load_state_dict(model_state, strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"checkpoint weights do not fit the model: {str(e).splitlines()[0]}") from None
+    model.eval()
+    tokenizer_dir = Path(meta["tokenizer_dir"])
+    expected_id = meta.get("tokenizer_id")
+    if expected_id is not None and tokenizer_fingerprint(tokenizer_dir) != expected_id:
+        raise CheckpointError(f"the tokenizer in {tokenizer_dir} is not the one this model was trained with "
+                              "(its files changed since the checkpoint was written)")
+    tokenizer = Tokenizer.load(tokenizer_dir)
+    if tokenizer.vocab_size != model.config.vocab_size:
+        raise CheckpointError(f"tokenizer vocab {tokenizer.vocab_size} != model vocab "
+                              f"{model.config.vocab_size}")
+    return model, tokenizer, meta

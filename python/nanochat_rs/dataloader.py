@@ -1,0 +1,311 @@
+"""Pretraining batches: parquet row groups -> Rust encoder -> Rust best-fit packer -> device.
+
+`tokenizing_data_loader` reads the `text` column of the shards one row group at a time (row group
+`i` of the split goes to rank `i % world_size`), encodes slices of it with
+`Tokenizer.encode_arrow` straight from the Arrow buffers (parallel, in Rust, BOS prepended), pushes
+the flat tokens into a `BestFitPacker`, and packs rows directly into CPU staging buffers (pinned
+when the device is CUDA). A background thread keeps the next batches ready; the consumer copies
+each one to the device (non-blocking from pinned memory). There are always more staging slots than
+batches in flight, and a slot is only refilled after the CUDA event recorded behind its copy has
+completed, so a batch is never overwritten while its host-to-device copy runs.
+
+Each batch comes with a JSON-serialisable `state`: the read position (epoch, row group, row) and the
+packer state at the moment the batch was completed. Passing it as `resume_state` to a new loader
+reproduces exactly the batches that followed it. The data stream is infinite: both splits cycle
+through their row groups epoch after epoch (the caller bounds the number of steps).
+"""
+
+from __future__ import annotations
+
+import operator
+import queue
+import threading
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from nanochat_rs.common import get_dist_info
+from nanochat_rs.dataset import list_parquet_files
+from nanochat_rs.packer import BestFitPacker
+
+STATE_VERSION = 1
+TEXT_COLUMN = "text"
+_POLL_S = 0.05  # how often a blocked worker checks whether the loader was closed
+
+
+# ---- what each rank reads ------------------------------------------------------------------------
+
+
+def split_files(split: str, data_dir: str | Path | None = None) -> list[Path]:
+    """Train = every shard but the last, val = the last shard."""
+    if split not in ("train", "val"):
+        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    files = list_parquet_files(data_dir)
+    if len(files) < 2:
+        raise ValueError(f"need at least 2 shards (train + the last one for val), found {len(files)}: "
+                         f"{[f.name for f in files]}")
+    return files[:-1] if split == "train" else files[-1:]
+
+
+def rank_row_groups(files: list[Path], rank: int, world_size: int) -> list[tuple[int, int]]:
+    """(file index, row group index) pairs of this rank: the split's i-th row group goes to rank i % world."""
+    all_groups = [(f, g) for f, path in enumerate(files) for g in range(pq.ParquetFile(path).num_row_groups)]
+    return all_groups[rank::world_size]
+
+
+@dataclass
+class Cursor:
+    """Position of the next unread rows: `row` within the `index`-th row group of this rank, in `epoch`."""
+
+    epoch: int = 0
+    index: int = 0
+    row: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "index": self.index, "row": self.row}
+
+
+class DocumentStream:
+    """Endless stream of encoded documents (flat uint32 tokens + int64 offsets), epoch after epoch."""
+
+    def __init__(self, tokenizer: Any, files: list[Path], row_groups: list[tuple[int, int]], cursor: Cursor,
+                 batch_rows: int, num_threads: int | None) -> None:
+        if not row_groups:
+            raise ValueError(f"no row groups for this rank in {[f.name for f in files]}: the files hold no "
+                             "data, or fewer row groups than there are ranks")
+        self._tokenizer = tokenizer
+        self._files = files
+        self._row_groups = row_groups
+        self._batch_rows = batch_rows
+        self._num_threads = num_threads
+        self.cursor = cursor
+        self._loaded: tuple[int, pa.ChunkedArray] | None = None  # (row group index, its text column)
+        self._parquet: dict[int, pq.ParquetFile] = {}
+        self._empty_streak = 0  # consecutive row groups without a single document
+
+    def _column(self, index: int) -> pa.ChunkedArray:
+        if self._loaded is None or self._loaded[0] != index:
+            file_index, group = self._row_groups[index]
+            if file_index not in self._parquet:
+                self._parquet[file_index] = pq.ParquetFile(self._files[file_index])
+            parquet = self._parquet[file_index]
+            if TEXT_COLUMN not in parquet.schema_arrow.names:
+                raise ValueError(f"{self._files[file_index]} has no {TEXT_COLUMN!r} column "
+                                 f"(columns: {parquet.schema_arrow.names})")
+            self._loaded = (index, parquet.read_row_group(group, columns=[TEXT_COLUMN]).column(TEXT_COLUMN))
+        return self._loaded[1]
+
+    def _advance_row_group(self) -> None:
+        self.cursor = Cursor(self.cursor.epoch, self.cursor.index + 1, 0)
+        if self.cursor.index == len(self._row_groups):
+            self.cursor = Cursor(self.cursor.epoch + 1, 0, 0)
+
+    def next_chunk(self) -> tuple[np.ndarray, np.ndarray]:
+        """Encode the next (up to `batch_rows`) documents and move the cursor past them."""
+        while True:
+            column = self._column(self.cursor.index)
+            if self.cursor.row < len(column):
+                break
+            self._empty_streak = self._empty_streak + 1 if len(column) == 0 else 0
+            if self._empty_streak >= len(self._row_groups):
+                raise ValueError(f"the data has no documents: every row group of {[f.name for f in self._files]} "
+                                 "assigned to this rank is empty")
+            self._advance_row_group()
+        texts = column.slice(self.cursor.row, self._batch_rows)
+        tokens, offsets = self._tokenizer.encode_arrow(texts, prepend=self._tokenizer.bos_token_id,
+                                                       num_threads=self._num_threads)
+        self.cursor = Cursor(self.cursor.epoch, self.cursor.index, self.cursor.row + len(texts))
+        self._empty_streak = 0
+        return tokens, offsets
+
+
+# ---- producing batches -------------------------------------------------------------------------------
+
+
+@dataclass
+class _Slot:
+    inputs: torch.Tensor
+    targets: torch.Tensor
+
+
+class _BatchMaker:
+    """Fills staging slots from the stream and snapshots the state that reproduces what follows."""
+
+    def __init__(self, stream: DocumentStream, packer: BestFitPacker, identity: dict[str, Any]) -> None:
+        self.stream = stream
+        self.packer = packer
+        self.identity = identity
+        self._docs_per_batch = 0  # documents the last batch used up: how many to have pending
+
+    def _docs_used(self) -> int:
+        stats = self.packer.stats
+        return stats["docs_placed"] + stats["docs_cropped"]
+
+    def _docs_held(self) -> int:
+        stats = self.packer.stats
+        return stats["docs_buffered"] + stats["docs_pending"]
+
+    def fill(self, slot: _Slot) -> dict[str, Any]:
+        # The rows do not depend on how documents are chunked into pushes, so push ahead just
+        # enough for a batch like the last one (a failed pack_into is undone, but its work is lost).
+        wanted = self.packer.buffer_size + self._docs_per_batch + self._docs_per_batch // 2
+        while self._docs_held() < wanted:
+            self.packer.push(*self.stream.next_chunk())
+        used_before = self._docs_used()
+        while not self.packer.pack_into(slot.inputs, slot.targets):
+            self.packer.push(*self.stream.next_chunk())
+        self._docs_per_batch = self._docs_used() - used_before
+        return {**self.identity, "cursor": self.stream.cursor.as_dict(), "packer": self.packer.state_dict()}
+
+
+class _Failure:
+    """An exception raised in the worker thread, to be re-raised in the consumer."""
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+
+def _get(q: queue.Queue, stop: threading.Event) -> Any:
+    while not stop.is_set():
+        try:
+            return q.get(timeout=_POLL_S)
+        except queue.Empty:
+            continue
+    return None
+
+
+def _put(q: queue.Queue, item: Any, stop: threading.Event) -> None:
+    while not stop.is_set():
+        try:
+            q.put(item, timeout=_POLL_S)
+            return
+        except queue.Full:
+            continue
+
+
+def _worker(maker: _BatchMaker, slots: list[_Slot], free: queue.Queue, ready: queue.Queue,
+            stop: threading.Event) -> None:
+    try:
+        while not stop.is_set():
+            item = _get(free, stop)
+            if item is None:
+                return
+            index, copied = item
+            if copied is not None:
+                copied.synchronize()  # the previous host-to-device copy out of this slot is done
+            state = maker.fill(slots[index])
+            _put(ready, (index, state), stop)
+    except BaseException as error:  # noqa: BLE001 - every failure must reach the consumer
+        _put(ready, _Failure(error), stop)
+
+
+def _to_device(slot: _Slot, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, Any]:
+    """Copy a slot out; returns the device tensors and the event that marks the copy complete."""
+    if device.type == "cuda":
+        inputs = slot.inputs.to(device, non_blocking=True)
+        targets = slot.targets.to(device, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(device))
+        return inputs, targets, event
+    # Synchronous copies: the slot is free again as soon as they return.
+    return slot.inputs.to(device, copy=True), slot.targets.to(device, copy=True), None
+
+
+def _batches(maker: _BatchMaker, slots: list[_Slot], device: torch.device,
+             prefetch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, dict[str, Any]]]:
+    free: queue.Queue = queue.Queue()
+    for i in range(len(slots)):
+        free.put((i, None))
+    ready: queue.Queue = queue.Queue(maxsize=prefetch)
+    stop = threading.Event()
+    thread = threading.Thread(target=_worker, args=(maker, slots, free, ready, stop), daemon=True,
+                              name="nanochat-dataloader")
+    thread.start()
+    try:
+        while True:
+            item = ready.get()
+            if isinstance(item, _Failure):
+                raise item.error
+            index, state = item
+            inputs, targets, copied = _to_device(slots[index], device)
+            free.put((index, copied))
+            yield inputs, targets, state
+    finally:
+        stop.set()
+        thread.join()
+
+
+# ---- public API ------------------------------------------------------------------------------------
+
+
+def _positive_int(name: str, value: object) -> int:
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got bool")
+    try:
+        number = operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
+    if number < 1:
+        raise ValueError(f"{name} must be >= 1, got {number}")
+    return number
+
+
+def _resume(state: Mapping[str, Any], identity: dict[str, Any], packer: BestFitPacker) -> Cursor:
+    if not isinstance(state, Mapping) or state.get("version") != STATE_VERSION:
+        raise ValueError(f"resume_state is not a dataloader state of version {STATE_VERSION}")
+    for key, value in identity.items():
+        if state.get(key) != value:
+            raise ValueError(f"resume_state was saved with {key}={state.get(key)!r}, this loader has {value!r}")
+    cursor = state.get("cursor")
+    if not isinstance(cursor, Mapping) or set(cursor) != {"epoch", "index", "row"}:
+        raise ValueError("resume_state['cursor'] must be a dict with keys epoch, index, row")
+    values = {k: cursor[k] for k in ("epoch", "index", "row")}
+    if any(not isinstance(v, int) or isinstance(v, bool) or v < 0 for v in values.values()):
+        raise ValueError(f"resume_state['cursor'] must hold non-negative ints, got {dict(cursor)}")
+    if values["index"] >= identity["num_row_groups"]:
+        raise ValueError(f"resume_state['cursor'] points at row group {values['index']} of "
+                         f"{identity['num_row_groups']}")
+    packer.load_state_dict(state["packer"])
+    return Cursor(**values)
+
+
+def tokenizing_data_loader(tokenizer: Any, B: int, T: int, split: str, device: str | torch.device = "cpu", *,
+                           resume_state: Mapping[str, Any] | None = None, audio_prefix_len: int = 0,
+                           buffer_size: int = 1000, data_dir: str | Path | None = None,
+                           num_threads: int | None = None, tokenizer_batch_rows: int = 512,
+                           prefetch: int = 2) -> Iterator[tuple[torch.Tensor, torch.Tensor, dict[str, Any]]]:
+    """Endless (inputs, targets, state) batches for pretraining.
+
+    inputs: int64 (B, T - audio_prefix_len); targets: int64 (B, T) with -1 over the audio prefix.
+    Every row is a full best-fit packing of BOS-prefixed documents (see `nanochat_rs.packer`).
+    `state` is JSON-serialisable; `resume_state=state` continues with exactly the batches that
+    followed it (the batch size B may differ: rows are a stream). Under torchrun each rank reads
+    its own row groups (`common.get_dist_info()`), and its state must be resumed on the same rank.
+    Arguments are checked now; reading starts on the first `next()`. Close the iterator (or let
+    it be garbage-collected) to stop its background thread.
+    """
+    B = _positive_int("B", B)
+    T = _positive_int("T", T)
+    tokenizer_batch_rows = _positive_int("tokenizer_batch_rows", tokenizer_batch_rows)
+    prefetch = _positive_int("prefetch", prefetch)
+    device = torch.device(device)
+    info = get_dist_info()
+    files = split_files(split, data_dir)
+    row_groups = rank_row_groups(files, info.rank, info.world_size)
+    packer = BestFitPacker(T, buffer_size=buffer_size, audio_prefix_len=audio_prefix_len,
+                           bos_token_id=tokenizer.bos_token_id)
+    identity = {"version": STATE_VERSION, "split": split, "rank": info.rank, "world_size": info.world_size,
+                "files": [f.name for f in files], "num_row_groups": len(row_groups)}
+    cursor = Cursor() if resume_state is None else _resume(resume_state, identity, packer)
+    stream = DocumentStream(tokenizer, files, row_groups, cursor, tokenizer_batch_rows, num_threads)
+    pin = device.type == "cuda"
+    # One slot being filled, up to `prefetch` waiting, one being copied to the device.
+    slots = [_Slot(torch.empty((B, T - audio_prefix_len), dtype=torch.long, pin_memory=pin),
+                   torch.empty((B, T), dtype=torch.long, pin_memory=pin)) for _ in range(prefetch + 2)]
+    return _batches(_BatchMaker(stream, packer, identity), slots, device, prefetch)

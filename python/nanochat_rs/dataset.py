@@ -1,0 +1,308 @@
+"""Pretraining data on disk: a directory of parquet shards, and how to download them safely.
+
+A dataset is a directory of `shard_NNNNN.parquet` files with a `text` column; the last shard (in index
+order) is the validation split. The directory comes from `NANOCHAT_DATA_DIR` (default
+`base_dir()/"base_data"`); when it holds no shards, the small corpus embedded in the package is used so
+that everything runs offline out of the box.
+
+Downloads (`download_shard`, `download_shards`, or `python -m nanochat_rs.dataset -n 8`) fetch from
+`NANOCHAT_DATA_URL` (a mirror) or the public nanochat shards, and are:
+
+- atomic: bytes go to `<shard>.partial` in the destination directory, which is fsynced and renamed with
+  `os.replace` only once complete and validated, so a shard that exists is always whole;
+- resumable: an interrupted `.partial` is continued with an HTTP `Range` request (and restarted from
+  scratch when the server ignores `Range`);
+- retried with exponential backoff on transient failures (connection errors, timeouts, 408/429/5xx);
+- safe under torchrun: a per-shard file lock makes concurrent ranks download each shard exactly once;
+- validated: a parquet file starts and ends with the magic bytes `PAR1`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import os
+import re
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from filelock import FileLock
+
+from nanochat_rs.common import base_dir, print0
+
+DEFAULT_DATA_URL = "https://huggingface.co/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main"
+"""Public nanochat pretraining shards (FineWeb-Edu, pre-shuffled); `NANOCHAT_DATA_URL` overrides it."""
+
+MAX_SHARD_INDEX = 1822
+"""Highest shard index of the default dataset (a mirror may hold fewer; nothing enforces this)."""
+
+SHARD_PATTERN = re.compile(r"^shard_(\d{5,})\.parquet$")
+PARQUET_MAGIC = b"PAR1"
+_PARTIAL_SUFFIX = ".partial"
+_LOCK_SUFFIX = ".lock"
+_CHUNK_BYTES = 1 << 20
+_RETRYABLE_HTTP = frozenset({408, 425, 429, 500, 502, 503, 504})
+_MAX_BACKOFF_S = 60.0
+_FALLBACK_NOTED: set[Path] = set()
+
+
+class DownloadError(RuntimeError):
+    """A shard could not be downloaded; the message says why and what to do about it."""
+
+
+class _TransientError(Exception):
+    """Internal: a failure worth retrying (the `.partial` file keeps what was received)."""
+
+
+# ---- locations ---------------------------------------------------------------------------------
+
+
+def shard_filename(index: int) -> str:
+    if isinstance(index, bool) or not isinstance(index, int) or index < 0:
+        raise ValueError(f"shard index must be a non-negative int, got {index!r}")
+    return f"shard_{index:05d}.parquet"
+
+
+def default_data_dir() -> Path:
+    """The configured dataset directory: `NANOCHAT_DATA_DIR`, default `base_dir()/"base_data"`."""
+    configured = os.environ.get("NANOCHAT_DATA_DIR")
+    return Path(configured) if configured else base_dir() / "base_data"
+
+
+def data_url() -> str:
+    """Base URL that shards are downloaded from: `NANOCHAT_DATA_URL` (mirrors) or the public default."""
+    return (os.environ.get("NANOCHAT_DATA_URL") or DEFAULT_DATA_URL).rstrip("/")
+
+
+def embedded_corpus_dir() -> Path:
+    """The small corpus shipped inside the package (built by scripts/make_embedded_corpus.py)."""
+    return Path(__file__).resolve().parent / "data" / "corpus"
+
+
+def _shards_in(directory: Path) -> list[Path]:
+    if not directory.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in directory.iterdir()
+             if (m := SHARD_PATTERN.match(p.name)) and p.is_file()]
+    return [p for _, p in sorted(found)]
+
+
+def list_parquet_files(data_dir: str | os.PathLike[str] | None = None) -> list[Path]:
+    """Shards in index order; the last one is the validation split.
+
+    With `data_dir=None` the configured directory is used, falling back (with a printed note) to the
+    embedded corpus when it holds no shards. An explicitly given directory must contain shards.
+    Temporary `.partial` downloads are never listed.
+    """
+    if data_dir is not None:
+        directory = Path(data_dir)
+        shards = _shards_in(directory)
+        if not shards:
+            raise FileNotFoundError(f"no shard_NNNNN.parquet files in {directory}; download some with "
+                                    "`python -m nanochat_rs.dataset -n 8` or point data_dir elsewhere")
+        return shards
+    configured = default_data_dir()
+    shards = _shards_in(configured)
+    if shards:
+        return shards
+    embedded = _shards_in(embedded_corpus_dir())
+    if not embedded:
+        raise FileNotFoundError(f"no shards in {configured} and the embedded corpus is missing from "
+                                f"{embedded_corpus_dir()} (rebuild it with scripts/make_embedded_corpus.py)")
+    if configured not in _FALLBACK_NOTED:  # once per process: loaders list files on every (re)start
+        _FALLBACK_NOTED.add(configured)
+        print0(f"Note: no shards in {configured}; using the embedded corpus ({len(embedded)} shards). "
+               "Download real data with `python -m nanochat_rs.dataset -n 8`.")
+    return embedded
+
+
+# ---- validation --------------------------------------------------------------------------------
+
+
+def is_valid_parquet(path: str | os.PathLike[str]) -> bool:
+    """Cheap structural check: parquet files start and end with `PAR1` (and hold at least a footer)."""
+    try:
+        size = os.path.getsize(path)
+        if size < 12:
+            return False
+        with open(path, "rb") as f:
+            head = f.read(4)
+            f.seek(-4, os.SEEK_END)
+            tail = f.read(4)
+    except OSError:
+        return False
+    return head == PARQUET_MAGIC and tail == PARQUET_MAGIC
+
+
+def _fsync_dir(directory: Path) -> None:
+    # Makes the rename itself durable; not every platform/filesystem allows opening a directory.
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+# ---- one HTTP transfer ----------------------------------------------------------------------------
+
+
+def _content_range_start(header: str | None) -> int | None:
+    # "bytes 100-999/1000" -> 100
+    m = re.match(r"^\s*bytes\s+(\d+)-\d+/(?:\d+|\*)\s*$", header or "")
+    return int(m.group(1)) if m else None
+
+
+def _open(url: str, offset: int, timeout: float) -> http.client.HTTPResponse:
+    request = urllib.request.Request(url, headers={"User-Agent": "nanochat_rs"})
+    if offset > 0:
+        request.add_header("Range", f"bytes={offset}-")
+    return urllib.request.urlopen(request, timeout=timeout)
+
+
+def _transfer(url: str, partial: Path, timeout: float) -> None:
+    """Append the rest of `url` to `partial`, resuming from its current size when possible.
+
+    Raises _TransientError for anything worth retrying; a non-retryable HTTP status raises DownloadError.
+    """
+    offset = partial.stat().st_size if partial.exists() else 0
+    try:
+        response = _open(url, offset, timeout)
+    except urllib.error.HTTPError as e:
+        if e.code == 416 and offset > 0:
+            if is_valid_parquet(partial):
+                return  # a previous run received every byte but died before the rename
+            # Our partial is longer than the file (or the file changed): start over.
+            partial.unlink(missing_ok=True)
+            raise _TransientError(f"HTTP 416 resuming at byte {offset}; restarting from scratch") from None
+        if e.code in _RETRYABLE_HTTP:
+            raise _TransientError(f"HTTP {e.code} {e.reason}") from None
+        raise DownloadError(f"{url}: HTTP {e.code} {e.reason} (not retryable; is the shard index or "
+                            "NANOCHAT_DATA_URL right?)") from None
+    except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
+        reason = getattr(e, "reason", e)
+        raise _TransientError(f"{type(reason).__name__}: {reason}") from None
+
+    with response:
+        if offset > 0 and response.status == 206:
+            if _content_range_start(response.headers.get("Content-Range")) != offset:
+                partial.unlink(missing_ok=True)
+                raise _TransientError(f"server answered Range {offset}- with Content-Range "
+                                      f"{response.headers.get('Content-Range')!r}; restarting from scratch")
+            mode = "ab"
+        else:
+            # 200 for a ranged request means the server ignored Range: the body is the whole file.
+            mode, offset = "wb", 0
+        expected = response.headers.get("Content-Length")
+        expected_len = int(expected) if expected and expected.isdigit() else None
+        received = 0
+        try:
+            with open(partial, mode) as f:
+                while chunk := response.read(_CHUNK_BYTES):
+                    f.write(chunk)
+                    received += len(chunk)
+                f.flush()
+                os.fsync(f.fileno())
+        except (OSError, http.client.HTTPException) as e:
+            raise _TransientError(f"connection lost after {offset + received} bytes: "
+                                  f"{type(e).__name__}: {e}") from None
+        if expected_len is not None and received < expected_len:
+            raise _TransientError(f"truncated: received {received} of {expected_len} bytes "
+                                  f"(resuming from byte {offset + received})")
+
+
+# ---- download ---------------------------------------------------------------------------------
+
+
+def _finalize(partial: Path, dest: Path) -> bool:
+    """Move a complete, valid `partial` into place; a bad file is deleted (so the retry starts fresh)."""
+    if not is_valid_parquet(partial):
+        partial.unlink(missing_ok=True)
+        return False
+    with open(partial, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(partial, dest)
+    _fsync_dir(dest.parent)
+    return True
+
+
+def download_shard(index: int, *, data_dir: str | os.PathLike[str] | None = None,
+                   base_url: str | None = None, max_attempts: int = 5, backoff_s: float = 1.0,
+                   timeout_s: float = 60.0, lock_timeout_s: float = -1) -> Path:
+    """Download shard `index` into the data dir (unless it is already there) and return its path.
+
+    Concurrent callers (threads, processes, torchrun ranks sharing a filesystem) serialise on a lock
+    file, so the shard is fetched once. Retries wait `backoff_s * 2**attempt` seconds (capped at 60 s).
+    """
+    if max_attempts < 1:
+        raise ValueError(f"max_attempts must be >= 1, got {max_attempts}")
+    if backoff_s < 0 or timeout_s <= 0:
+        raise ValueError(f"need backoff_s >= 0 and timeout_s > 0, got {backoff_s}, {timeout_s}")
+    name = shard_filename(index)
+    directory = Path(data_dir) if data_dir is not None else default_data_dir()
+    directory.mkdir(parents=True, exist_ok=True)
+    dest = directory / name
+    if dest.is_file() and is_valid_parquet(dest):
+        return dest
+    url = f"{(base_url or data_url()).rstrip('/')}/{name}"
+    partial = directory / (name + _PARTIAL_SUFFIX)
+    with FileLock(str(directory / (name + _LOCK_SUFFIX)), timeout=lock_timeout_s):
+        if dest.is_file() and is_valid_parquet(dest):  # another rank finished while we waited
+            return dest
+        last_error = "no attempt made"
+        for attempt in range(max_attempts):
+            if attempt > 0:
+                time.sleep(min(backoff_s * 2 ** (attempt - 1), _MAX_BACKOFF_S))
+            try:
+                _transfer(url, partial, timeout_s)
+            except _TransientError as e:
+                last_error = str(e)
+                continue
+            if _finalize(partial, dest):
+                return dest
+            last_error = "downloaded file is not parquet (missing PAR1 magic bytes)"
+    raise DownloadError(
+        f"could not download {url} after {max_attempts} attempts; last error: {last_error}. "
+        "If this machine is offline or behind a firewall, set NANOCHAT_DATA_URL to a reachable mirror, "
+        f"or copy shard files into {directory} (set NANOCHAT_DATA_DIR to use another directory)."
+    )
+
+
+def download_shards(indices: int | Iterable[int], *, workers: int = 4, **kwargs: object) -> list[Path]:
+    """Download several shards in parallel; `indices` is a count n (shards 0..n-1) or explicit indices.
+
+    Keyword arguments go to `download_shard`. Returns the paths in the order of `indices`.
+    """
+    wanted = list(range(indices)) if isinstance(indices, int) else [int(i) for i in indices]
+    if isinstance(indices, int) and indices < 0:
+        raise ValueError(f"number of shards must be >= 0, got {indices}")
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    with ThreadPoolExecutor(max_workers=min(workers, max(1, len(wanted)))) as pool:
+        return list(pool.map(lambda i: download_shard(i, **kwargs), wanted))  # type: ignore[arg-type]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Download pretraining shards (last one = validation).")
+    parser.add_argument("-n", "--num-shards", type=int, default=8,
+                        help=f"download shards 0..n-1 (the full dataset has {MAX_SHARD_INDEX + 1})")
+    parser.add_argument("-w", "--workers", type=int, default=4, help="parallel downloads")
+    parser.add_argument("--data-dir", default=None, help="destination (default: NANOCHAT_DATA_DIR)")
+    args = parser.parse_args(argv)
+    try:
+        paths = download_shards(args.num_shards, workers=args.workers, data_dir=args.data_dir)
+    except (DownloadError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
+    print(f"{len(paths)} shards ready in {paths[0].parent if paths else args.data_dir}")
+
+
+if __name__ == "__main__":
+    main()

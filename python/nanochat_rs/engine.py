@@ -1,0 +1,285 @@
+"""Inference engine: KV-cached sampling of several completions of one prompt, with the calculator tool.
+
+Protocol of `Engine.generate`:
+  1. the prompt is prefilled once at batch 1 (one forward over all prompt tokens);
+  2. that cache is replicated into a `num_samples`-row cache (KVCache.prefill), so N samples cost one
+     prefill, not N;
+  3. decoding then feeds one token per row per step; all rows advance in lockstep, which is what lets
+     them share one cache position.
+
+A row emitting <|python_start|> ... <|python_end|> has the text in between evaluated by the sandboxed
+calculator; on success the engine queues <|output_start|> result <|output_end|> and feeds those
+tokens to that row (mask 0: forced, not sampled) before sampling resumes for it.
+
+A row stops at <|assistant_end|> or <|bos|>. It still occupies its slot in the batch until all rows
+stop, and repeats its terminal token (mask 0) so callers can ignore it with one comparison.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections import deque
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from nanochat_rs.calculator import evaluate, format_result
+from nanochat_rs.kv_cache import KVCache
+
+if TYPE_CHECKING:
+    from nanochat_rs.gpt import GPT
+    from nanochat_rs.tokenizer import Tokenizer
+
+__all__ = ["Engine", "KVCache", "sample_next_token"]
+
+
+def sample_next_token(logits: torch.Tensor, generator: torch.Generator, temperature: float = 1.0,
+                      top_k: int | None = None) -> torch.Tensor:
+    """One token id per row of `logits` (B, V) -> LongTensor (B,). Temperature 0 means argmax."""
+    if temperature == 0.0:
+        return logits.argmax(dim=-1)
+    if top_k is not None and top_k < logits.size(-1):
+        kth_best = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth_best, float("-inf"))
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+
+
+@dataclass
+class _RowState:
+    """Per-sample bookkeeping the lockstep loop needs besides the shared cache."""
+
+    forced: deque[int] = field(default_factory=deque)  # tool output still to be fed to this row
+    python_tokens: list[int] | None = None  # tokens since <|python_start|>, None outside a tool call
+    terminal: int | None = None  # the stop token once the row is done
+
+    @property
+    def done(self) -> bool:
+        return self.terminal is not None
+
+
+@dataclass(frozen=True)
+class _SpecialIds:
+    stop: frozenset[int]
+    python_start: int
+    python_end: int
+    output_start: int
+    output_end: int
+
+    @classmethod
+    def of(cls, tokenizer: Tokenizer) -> _SpecialIds:
+        special = tokenizer.encode_special
+        return cls(stop=frozenset({special("<|assistant_end|>"), tokenizer.bos_token_id}),
+                   python_start=special("<|python_start|>"), python_end=special("<|python_end|>"),
+                   output_start=special("<|output_start|>"), output_end=special("<|output_end|>"))
+
+
+class Engine:
+    """Efficient sampling from a GPT: `generate` streams token columns, `generate_batch` collects."""
+
+    def __init__(self, model: GPT, tokenizer: Tokenizer) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self._special = _SpecialIds.of(tokenizer)
+
+    # ---- public API -------------------------------------------------------------------------
+
+    def generate(self, tokens: Sequence[int], num_samples: int = 1, max_tokens: int | None = None,
+                 temperature: float = 1.0, top_k: int | None = None,
+                 seed: int = 42) -> Iterator[tuple[list[int], list[int]]]:
+        """Yield `(token_column, token_masks)` per step: one token per sample, mask 1 = sampled,
+        0 = forced (tool output, or the repeated stop token of a finished row).
+
+        Ends when every row has stopped, after `max_tokens` steps, or when the cache is full
+        (`max_tokens=None` allows up to the model's sequence_len positions in total).
+        """
+        prompt = self._check_prompt(tokens)
+        _check_sampling(num_samples, max_tokens, temperature, top_k, seed)
+        cache_len = self._cache_length(len(prompt), max_tokens)
+        return self._generate(prompt, num_samples, max_tokens, float(temperature), top_k, seed, cache_len)
+
+    def generate_batch(self, tokens: Sequence[int], num_samples: int = 1,
+                       **kwargs: Any) -> tuple[list[list[int]], list[list[int]]]:
+        """Full sequences (prompt + generated, without the stop token) and their masks (0 over the
+        prompt and over forced tool output)."""
+        stream = self.generate(tokens, num_samples, **kwargs)  # validates before anything else
+        results = [list(tokens) for _ in range(num_samples)]
+        masks = [[0] * len(tokens) for _ in range(num_samples)]
+        finished = [False] * num_samples
+        for column, column_masks in stream:
+            for i, (token, mask) in enumerate(zip(column, column_masks, strict=True)):
+                if finished[i]:
+                    continue
+                if token in self._special.stop:
+                    finished[i] = True
+                else:
+                    results[i].append(token)
+                    masks[i].append(mask)
+        return results, masks
+
+    # ---- generation loop ----------------------------------------------------------------------
+
+    def _generate(self, prompt: list[int], num_samples: int, max_tokens: int | None, temperature: float,
+                  top_k: int | None, seed: int, cache_len: int) -> Iterator[tuple[list[int], list[int]]]:
+        if max_tokens == 0:
+            return
+        device = self.model.get_device()
+        generator = torch.Generator(device=device)
+        generator.manual_seed(seed)
+        # inference_mode only around tensor work, never across a yield: the caller's code between
+        # steps must run in whatever grad mode it chose.
+        with torch.inference_mode():
+            cache, logits = self._prefill(prompt, num_samples, cache_len, device)
+        rows = [_RowState() for _ in range(num_samples)]
+        steps = 0
+        while True:
+            with torch.inference_mode():
+                sampled = sample_next_token(logits, generator, temperature, top_k).tolist()
+            column, masks = self._advance_rows(rows, sampled)
+            steps += 1
+            yield column, masks
+            if all(row.done for row in rows) or steps == max_tokens or cache.get_pos() >= cache_len:
+                return
+            with torch.inference_mode():
+                ids = torch.tensor(column, dtype=torch.long, device=device).unsqueeze(1)
+                logits = self.model(ids, kv_cache=cache)[:, -1, :]
+
+    def _prefill(self, prompt: list[int], num_samples: int, cache_len: int,
+                 device: torch.device) -> tuple[KVCache, torch.Tensor]:
+        """Run the prompt once at batch 1 and return the cache to decode with plus next-token logits."""
+        single = self._new_cache(1, cache_len, device)
+        ids = torch.tensor([prompt], dtype=torch.long, device=device)
+        logits = self.model(ids, kv_cache=single)[:, -1, :]
+        if num_samples == 1:
+            return single, logits
+        cache = self._new_cache(num_samples, cache_len, device)
+        cache.prefill(single)
+        return cache, logits.expand(num_samples, -1)
+
+    def _new_cache(self, batch_size: int, seq_len: int, device: torch.device) -> KVCache:
+        config = self.model.config
+        return KVCache(batch_size=batch_size, num_kv_heads=config.n_kv_head, seq_len=seq_len,
+                       head_dim=config.n_embd // config.n_head, num_layers=config.n_layer, device=device,
+                       n_embd=config.n_embd)
+
+    def _advance_rows(self, rows: list[_RowState], sampled: list[int]) -> tuple[list[int], list[int]]:
+        """Choose each row's token for this step (stop repeat > forced tool output > sample) and
+        update the row's tool/stop state with it."""
+        column, masks = [], []
+        for row, sampled_token in zip(rows, sampled, strict=True):
+            if row.terminal is not None:
+                token, mask = row.terminal, 0
+            elif row.forced:
+                token, mask = row.forced.popleft(), 0
+            else:
+                token, mask = sampled_token, 1
+                self._observe(row, token)
+            column.append(token)
+            masks.append(mask)
+        return column, masks
+
+    def _observe(self, row: _RowState, token: int) -> None:
+        special = self._special
+        if token in special.stop:
+            row.terminal = token
+        elif token == special.python_start:
+            row.python_tokens = []
+        elif token == special.python_end and row.python_tokens is not None:
+            row.forced.extend(self._run_calculator(row.python_tokens))
+            row.python_tokens = None
+        elif row.python_tokens is not None:
+            row.python_tokens.append(token)
+
+    def _run_calculator(self, expression_tokens: list[int]) -> list[int]:
+        """The tokens to force for a tool call: the wrapped result, or nothing if it was refused
+        (the model then simply continues without an output block)."""
+        result = evaluate(self.tokenizer.decode(expression_tokens))
+        if result.value is None:
+            return []
+        special = self._special
+        value_tokens = self.tokenizer.encode(format_result(result.value))
+        return [special.output_start, *value_tokens, special.output_end]  # type: ignore[list-item]
+
+    # ---- validation -----------------------------------------------------------------------------
+
+    def _check_prompt(self, tokens: Sequence[int]) -> list[int]:
+        if isinstance(tokens, str | bytes) or not isinstance(tokens, Sequence):
+            raise TypeError(f"tokens must be a list of token ids, got {type(tokens).__name__}")
+        prompt = list(tokens)
+        if not prompt:
+            raise ValueError("tokens is empty: generation needs at least one prompt token (e.g. BOS)")
+        vocab_size = self.model.config.vocab_size
+        for i, token in enumerate(prompt):
+            if isinstance(token, bool) or not isinstance(token, int) or not 0 <= token < vocab_size:
+                raise ValueError(f"tokens[{i}] = {token!r} is not a token id in [0, {vocab_size})")
+        return prompt
+
+    def _cache_length(self, prompt_len: int, max_tokens: int | None) -> int:
+        """Positions to allocate: what `max_tokens` steps need (at most the rotary table, which the
+        model over-allocates beyond sequence_len), else the model's trained context."""
+        if max_tokens is None:
+            limit, what = self.model.config.sequence_len, "the model's context (sequence_len)"
+        else:
+            limit, what = self.model.cos.size(1), "the model's rotary table"
+        if prompt_len >= limit:
+            raise ValueError(f"the prompt has {prompt_len} tokens, which fills {what} of {limit} positions: "
+                             "shorten it" + (" or pass max_tokens explicitly" if max_tokens is None else ""))
+        return limit if max_tokens is None else min(prompt_len + max_tokens, limit)
+
+
+def _check_sampling(num_samples: int, max_tokens: int | None, temperature: float, top_k: int | None,
+                    seed: int) -> None:
+    def is_int(x: object) -> bool:
+        return isinstance(x, int) and not isinstance(x, bool)
+
+    if not is_int(num_samples) or num_samples < 1:
+        raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
+    if max_tokens is not None and (not is_int(max_tokens) or max_tokens < 0):
+        raise ValueError(f"max_tokens must be a non-negative int or None, got {max_tokens!r}")
+    if isinstance(temperature, bool) or not isinstance(temperature, int | float) or not temperature >= 0:
+        raise ValueError(f"temperature must be a number >= 0, got {temperature!r}")
+    if top_k is not None and (not is_int(top_k) or top_k < 1):
+        raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
+    if not is_int(seed):
+        raise ValueError(f"seed must be an int, got {seed!r}")
+
+
+# ---- self-check: python -m nanochat_rs.engine --checkpoint DIR ----------------------------------
+
+
+def _self_check(argv: list[str] | None = None) -> None:
+    """Greedy decode one prompt with the naive model.generate and with the Engine, compare the token
+    streams and report the speed of each (a quick end-to-end sanity check on any device)."""
+    from nanochat_rs.checkpoint import load_model
+    from nanochat_rs.common import autodetect_device_type, compute_cleanup, compute_init
+
+    parser = argparse.ArgumentParser(description=_self_check.__doc__)
+    parser.add_argument("--checkpoint", required=True, help="checkpoint directory (holding step_NNNNNN/)")
+    parser.add_argument("--device-type", default=None, choices=["cuda", "cpu", "mps"])
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--prompt", default="The chemical formula of water is")
+    args = parser.parse_args(argv)
+    # the device type must be passed explicitly: compute_init cannot guess CPU/MPS on every machine
+    _, device = compute_init(args.device_type or autodetect_device_type())
+    model, tokenizer, _ = load_model(args.checkpoint, device)
+    prompt: list[int] = tokenizer.encode(args.prompt, prepend="<|bos|>")  # type: ignore[assignment]
+    streams: dict[str, list[int]] = {}
+    for name, stream in (("naive", lambda: model.generate(prompt, args.max_tokens, temperature=0.0)),
+                         ("engine", lambda: (col[0] for col, _ in Engine(model, tokenizer).generate(
+                             prompt, max_tokens=args.max_tokens, temperature=0.0)))):
+        start = time.perf_counter()
+        streams[name] = list(stream())
+        elapsed = time.perf_counter() - start
+        print(f"{name:>6}: {len(streams[name])} tokens in {elapsed:.3f}s "
+              f"({len(streams[name]) / max(elapsed, 1e-9):.1f} tok/s): {tokenizer.decode(streams[name])!r}")
+    # the engine stops at a stop token; the naive generator does not, so compare the common prefix
+    common = len(streams["engine"])
+    print("match" if streams["naive"][:common] == streams["engine"] else "MISMATCH")
+    compute_cleanup()
+
+
+if __name__ == "__main__":
+    _self_check()

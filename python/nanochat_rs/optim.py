@@ -1,0 +1,596 @@
+"""MuonAdamW: Muon (Polar Express + NorMuon) for the block matrices, AdamW for everything else.
+
+One optimizer object owns both kinds of parameter group so that a training step is a single
+`optimizer.step()`, and so that the distributed gradient reduction (which lives here: there is no DDP
+wrapper) can overlap communication of later groups with the update of earlier ones.
+
+Group dicts (see `MuonAdamW.add_param_group` for validation and defaults):
+    adamw: {"kind": "adamw", "params", "lr", "betas", "eps", "weight_decay"}
+    muon:  {"kind": "muon", "params", "lr", "momentum", "ns_steps", "beta2", "weight_decay"}
+Every group also gets "initial_lr" and "initial_weight_decay", which `apply_schedules` multiplies.
+
+Muon step, per group (all params share one (rows, cols) shape and are stacked to (N, rows, cols)):
+    1. Nesterov momentum:   buf <- lerp(buf, g, 1 - mu);  u <- lerp(g, buf, mu)
+    2. Polar Express:       u <- approx. polar factor of u (5 quintic iterations)
+    3. NorMuon:             per-row (rows >= cols) or per-column second-moment EMA of u normalises u,
+                            then u is rescaled back to its own Frobenius norm
+    4. Aspect ratio:        u <- u * sqrt(max(1, rows / cols))
+    5. Cautious decay:      p <- p - lr * u - lr * wd * p * [u * p >= 0]
+The decay is decoupled (multiplied by lr, not by the aspect-ratio factor) and only touches coordinates
+where the update already pushes the weight toward zero, so it never fights the gradient direction.
+
+Distributed (torch.distributed initialised, world size > 1), ZeRO-2 style: gradients are reduced by
+reduce-scatter so each rank receives the averaged gradient of only the shard it owns, keeps optimizer
+state for that shard only, updates it, and all-gathers the updated parameters. Single-process runs
+make no communication calls at all.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from nanochat_rs import common
+
+# Polar Express (Amsel, Persson, Musco, Gower, arXiv:2505.16932): per-iteration odd quintic
+# p(x) = a x + b x^3 + c x^5, chosen greedily to be minimax-optimal for sign(x) on the current
+# singular-value interval. These are the 5-iteration coefficients of the paper's public reference
+# implementation (lower bound l0 = 1e-3, safety-adjusted), as also used by modded-nanogpt/nanochat.
+POLAR_EXPRESS_COEFFS: tuple[tuple[float, float, float], ...] = (
+    (8.156554524902461, -22.48329292557795, 15.878769915207462),
+    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+)
+# Dividing by ||X||_F bounds every singular value by 1; the extra 1 % keeps bf16 rounding from
+# pushing the top singular value past the interval the coefficients were optimised for.
+POLAR_EXPRESS_SAFETY = 1.01
+POLAR_EXPRESS_EPS = 1e-6
+
+NORMUON_EPS = 1e-10
+# AdamW parameters smaller than this are all-reduced and updated redundantly on every rank: sharding
+# them would cost a collective launch each for no memory saved worth having.
+MIN_SHARD_NUMEL = 4096
+
+MUON_MOMENTUM_START = 0.85
+MUON_MOMENTUM_PEAK = 0.97
+MUON_MOMENTUM_END = 0.90
+MUON_MOMENTUM_WARMUP_STEPS = 400
+
+_ADAMW_DEFAULTS: dict[str, Any] = {"betas": (0.8, 0.95), "eps": 1e-10, "weight_decay": 0.0}
+_MUON_DEFAULTS: dict[str, Any] = {"momentum": 0.95, "ns_steps": 5, "beta2": 0.95, "weight_decay": 0.0}
+
+
+# ----------------------------------------------------------------------------------------------
+# Muon building blocks (pure tensor functions, testable on their own)
+
+
+def orthogonalization_dtype(param_dtype: torch.dtype) -> torch.dtype:
+    """dtype for the Polar Express iteration: bf16 only when the run computes in bf16.
+
+    bf16 is a pure speed win on GPUs with bf16 tensor cores; fp16 overflows in the iteration (its
+    exponent range is too small) and fp32-only platforms gain nothing from a cast, so every other
+    configuration iterates in the parameter/gradient dtype. Reads `common.COMPUTE_DTYPE` at call
+    time so the choice follows the process-wide setting.
+    """
+    return torch.bfloat16 if common.COMPUTE_DTYPE == torch.bfloat16 else param_dtype
+
+
+def polar_express(G: torch.Tensor, steps: int = 5, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Approximate the polar factor U V^T of G = U S V^T (batched over leading dims), in `dtype`.
+
+    Iterates on the wide orientation (rows <= cols) so the Gram matrix X X^T is the small one.
+    """
+    if G.dim() < 2:
+        raise ValueError(f"polar_express needs a matrix (or a batch of them), got shape {tuple(G.shape)}")
+    if not 1 <= steps <= len(POLAR_EXPRESS_COEFFS):
+        raise ValueError(f"steps must be in [1, {len(POLAR_EXPRESS_COEFFS)}], got {steps}")
+    X = G.to(dtype or G.dtype)
+    tall = X.size(-2) > X.size(-1)
+    if tall:
+        X = X.mT
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) * POLAR_EXPRESS_SAFETY + POLAR_EXPRESS_EPS)
+    for a, b, c in POLAR_EXPRESS_COEFFS[:steps]:
+        A = X @ X.mT
+        B = b * A + c * (A @ A)
+        X = a * X + B @ X
+    return X.mT if tall else X
+
+
+def normuon_reduce_dim(rows: int, cols: int) -> int:
+    """Dim NorMuon averages over: per-row statistics when rows >= cols, else per-column.
+
+    The orthogonalised update has unit-norm vectors along its short side; its long side is where
+    magnitudes differ and need equalising.
+    """
+    return -1 if rows >= cols else -2
+
+
+def normuon_state_shape(n: int, rows: int, cols: int) -> tuple[int, int, int]:
+    return (n, rows, 1) if normuon_reduce_dim(rows, cols) == -1 else (n, 1, cols)
+
+
+def normuon_(update: torch.Tensor, second_moment: torch.Tensor, beta2: float) -> torch.Tensor:
+    """NorMuon variance reduction on a stacked (N, rows, cols) update; updates `second_moment` in place.
+
+    No bias correction is needed: the final rescale to the update's own norm cancels any uniform
+    factor in the second moment, which is exactly what bias correction would be.
+    """
+    dim = normuon_reduce_dim(update.size(-2), update.size(-1))
+    second_moment.lerp_(update.square().mean(dim=dim, keepdim=True), 1 - beta2)
+    scaled = update * second_moment.clamp_min(NORMUON_EPS).rsqrt()
+    norm_before = update.norm(dim=(-2, -1), keepdim=True)
+    norm_after = scaled.norm(dim=(-2, -1), keepdim=True).clamp_min(NORMUON_EPS)
+    return scaled.mul_(norm_before / norm_after)
+
+
+def aspect_ratio_scale(rows: int, cols: int) -> float:
+    """Orthogonal updates of tall matrices have a smaller per-entry RMS; this restores it."""
+    return max(1.0, rows / cols) ** 0.5
+
+
+def cautious_weight_decay_step_(params: torch.Tensor, update: torch.Tensor, lr: float, weight_decay: float) -> None:
+    """p <- p - lr * update - lr * wd * p, the decay only where update and p share a sign (or are 0)."""
+    if weight_decay != 0.0:
+        decay = torch.where(update * params >= 0, params, torch.zeros((), dtype=params.dtype, device=params.device))
+        params.sub_(decay, alpha=lr * weight_decay)
+    params.sub_(update, alpha=lr)
+
+
+def muon_update_(params: torch.Tensor, grads: torch.Tensor, momentum_buffer: torch.Tensor,
+                 second_moment: torch.Tensor, *, lr: float, momentum: float, beta2: float,
+                 weight_decay: float, ns_steps: int) -> None:
+    """One Muon step on stacked (N, rows, cols) params (fp32 or wider); `grads` is scratch, overwritten."""
+    momentum_buffer.lerp_(grads, 1 - momentum)
+    nesterov = grads.lerp_(momentum_buffer, momentum)
+    update = polar_express(nesterov, ns_steps, orthogonalization_dtype(nesterov.dtype)).to(params.dtype)
+    update = normuon_(update, second_moment, beta2)
+    update.mul_(aspect_ratio_scale(params.size(-2), params.size(-1)))
+    cautious_weight_decay_step_(params, update, lr, weight_decay)
+
+
+def adamw_update_(param32: torch.Tensor, grad32: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
+                  step: int, *, lr: float, betas: tuple[float, float], eps: float, weight_decay: float) -> None:
+    """AdamW with decoupled weight decay, in the same operation order as torch.optim.AdamW."""
+    beta1, beta2 = betas
+    param32.mul_(1 - lr * weight_decay)
+    exp_avg.lerp_(grad32, 1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(grad32, grad32, value=1 - beta2)
+    bias_correction1 = 1 - beta1**step
+    bias_correction2 = 1 - beta2**step
+    denom = (exp_avg_sq.sqrt() / math.sqrt(bias_correction2)).add_(eps)
+    param32.addcdiv_(exp_avg, denom, value=-lr / bias_correction1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Communication (only ever used when world size > 1)
+
+
+def _probe_tensor_collectives(device: torch.device) -> bool:
+    """Whether this process group has reduce_scatter_tensor / all_gather_into_tensor.
+
+    gloo lacks them on some torch builds (ProcessGroupGloo raises at call time, identically on every
+    rank), so one tiny synchronous probe on the first step decides; without them the optimizer uses
+    all_reduce + local slice and list all_gather, which move more bytes but give the same result.
+    """
+    world = dist.get_world_size()
+    try:
+        out = torch.zeros(1, device=device)
+        dist.reduce_scatter_tensor(out, torch.zeros(world, device=device))
+        dist.all_gather_into_tensor(torch.zeros(world, device=device), out)
+    except (RuntimeError, NotImplementedError, ValueError):
+        return False
+    return True
+
+
+class _Pending:
+    """An async collective plus the local work that must follow its completion."""
+
+    def __init__(self, work: Any, then: Callable[[], None] | None = None):
+        self._work = work
+        self._then = then
+
+    def wait(self) -> None:
+        if self._work is not None:
+            self._work.wait()
+            self._work = None
+        if self._then is not None:
+            then, self._then = self._then, None
+            then()
+
+
+class _Comm:
+    def __init__(self, rank: int, world: int, tensor_collectives: bool):
+        self.rank = rank
+        self.world = world
+        self.tensor_collectives = tensor_collectives
+
+    def all_reduce_mean(self, tensor: torch.Tensor) -> _Pending:
+        # SUM + divide rather than ReduceOp.AVG, which older gloo builds reject.
+        work = dist.all_reduce(tensor, op=dist.ReduceOp.SUM, async_op=True)
+        return _Pending(work, lambda: tensor.div_(self.world))
+
+    def reduce_scatter_mean(self, out: torch.Tensor, full: torch.Tensor) -> _Pending:
+        """out <- mean over ranks of full.chunk(world)[rank]; `full` may be clobbered."""
+        if self.tensor_collectives:
+            work = dist.reduce_scatter_tensor(out, full, op=dist.ReduceOp.SUM, async_op=True)
+            return _Pending(work, lambda: out.div_(self.world))
+        work = dist.all_reduce(full, op=dist.ReduceOp.SUM, async_op=True)
+        return _Pending(work, lambda: torch.div(full.chunk(self.world)[self.rank], self.world, out=out))
+
+    def all_gather(self, full: torch.Tensor, shard: torch.Tensor) -> _Pending:
+        if self.tensor_collectives:
+            return _Pending(dist.all_gather_into_tensor(full, shard, async_op=True))
+        # chunks along dim 0 of a contiguous tensor are contiguous views: gathered in place.
+        return _Pending(dist.all_gather(list(full.chunk(self.world)), shard, async_op=True))
+
+
+def _world() -> tuple[int, int] | None:
+    if common.is_ddp_initialized() and dist.get_world_size() > 1:
+        return dist.get_rank(), dist.get_world_size()
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
+# The optimizer
+
+
+class MuonAdamW(torch.optim.Optimizer):
+    """Muon for groups of same-shape 2-D matrices, AdamW for the rest; ZeRO-2 sharded under DDP."""
+
+    def __init__(self, param_groups: list[dict[str, Any]]):
+        if isinstance(param_groups, torch.Tensor) or not isinstance(param_groups, list | tuple):
+            raise TypeError("MuonAdamW takes a list of param-group dicts (each with a 'kind')")
+        if not param_groups:
+            raise ValueError("MuonAdamW got an empty list of param groups")
+        self._tensor_collectives: bool | None = None
+        super().__init__(list(param_groups), defaults={})
+
+    # -- groups ---------------------------------------------------------------------------------
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if not isinstance(param_group, dict):
+            raise TypeError(f"a param group must be a dict, got {type(param_group).__name__}")
+        group = dict(param_group)
+        kind = group.get("kind")
+        if kind not in ("adamw", "muon"):
+            raise ValueError(f"param group 'kind' must be 'adamw' or 'muon', got {kind!r}")
+        if "lr" not in group:
+            raise ValueError(f"{kind} param group has no 'lr'")
+        params = group.get("params")
+        if isinstance(params, torch.Tensor):
+            params = [params]
+        group["params"] = list(params) if params is not None else []
+        if not group["params"]:
+            raise ValueError(f"{kind} param group has no params")
+        for key, value in (_ADAMW_DEFAULTS if kind == "adamw" else _MUON_DEFAULTS).items():
+            group.setdefault(key, value)
+        _validate_common(group)
+        (_validate_adamw if kind == "adamw" else _validate_muon)(group)
+        super().add_param_group(group)
+        group = self.param_groups[-1]
+        group.setdefault("initial_lr", group["lr"])
+        group.setdefault("initial_weight_decay", group["weight_decay"])
+
+    # -- state ----------------------------------------------------------------------------------
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch casts floating state to each param's dtype on load; ours is fp32 by design, keep it."""
+        super().load_state_dict(state_dict)
+        for saved_group, group in zip(state_dict["param_groups"], self.param_groups, strict=True):
+            for param_id, param in zip(saved_group["params"], group["params"], strict=True):
+                for key, value in state_dict["state"].get(param_id, {}).items():
+                    if torch.is_tensor(value) and value.is_floating_point():
+                        self.state[param][key] = value.to(device=param.device)
+
+    def _adamw_state(self, key: torch.Tensor, like: torch.Tensor) -> dict[str, Any]:
+        state = self.state[key]
+        if not state:
+            state["step"] = 0
+            state["exp_avg"] = torch.zeros(like.shape, dtype=_math_dtype(like.dtype), device=like.device)
+            state["exp_avg_sq"] = torch.zeros(like.shape, dtype=_math_dtype(like.dtype), device=like.device)
+        _check_state_shape(state["exp_avg"], like.shape)
+        return state
+
+    def _muon_state(self, key: torch.Tensor, stacked: torch.Tensor) -> dict[str, Any]:
+        state = self.state[key]
+        n, rows, cols = stacked.shape
+        if not state:
+            state["momentum_buffer"] = torch.zeros_like(stacked)
+            state["second_momentum_buffer"] = stacked.new_zeros(normuon_state_shape(n, rows, cols))
+        _check_state_shape(state["momentum_buffer"], stacked.shape)
+        return state
+
+    # -- per-kind updates (local tensors only; no communication) --------------------------------
+
+    def _adamw_step(self, group: dict[str, Any], key: torch.Tensor, target: torch.Tensor, grad: torch.Tensor) -> None:
+        """Update `target` (the param or the shard of it this rank owns) with fp32 (or wider) math."""
+        state = self._adamw_state(key, target)
+        state["step"] += 1
+        param32 = target.to(_math_dtype(target.dtype))
+        adamw_update_(param32, grad.to(param32.dtype), state["exp_avg"], state["exp_avg_sq"], state["step"],
+                      lr=group["lr"], betas=group["betas"], eps=group["eps"], weight_decay=group["weight_decay"])
+        if param32 is not target:
+            target.copy_(param32)
+
+    def _muon_step(self, group: dict[str, Any], key: torch.Tensor, params32: torch.Tensor,
+                   grads: torch.Tensor) -> None:
+        state = self._muon_state(key, params32)
+        muon_update_(params32, grads.to(params32.dtype), state["momentum_buffer"], state["second_momentum_buffer"],
+                     lr=group["lr"], momentum=group["momentum"], beta2=group["beta2"],
+                     weight_decay=group["weight_decay"], ns_steps=group["ns_steps"])
+
+    # -- step -----------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        world = _world()
+        if world is None:
+            self._step_local()
+        else:
+            self._step_distributed(*world)
+        return loss
+
+    def _step_local(self) -> None:
+        for group in self.param_groups:
+            params = group["params"]
+            if group["kind"] == "adamw":
+                for p in params:
+                    if p.grad is not None:
+                        self._adamw_step(group, p, p, p.grad)
+                continue
+            if all(p.grad is None for p in params):
+                continue
+            grads = torch.stack([_grad_or_zeros(p) for p in params])
+            params32 = torch.stack(params).to(_math_dtype(params[0].dtype))
+            self._muon_step(group, params[0], params32, grads)
+            torch._foreach_copy_(params, list(params32.unbind(0)))
+
+    def _step_distributed(self, rank: int, world: int) -> None:
+        """Reduce every gradient asynchronously up front, then update and re-gather group by group.
+
+        A missing .grad counts as zero here (another rank may hold a real one, and every rank must
+        join every collective in the same order). .grad tensors serve as communication buffers, so
+        their contents are unspecified after the step.
+        """
+        if self._tensor_collectives is None:
+            self._tensor_collectives = _probe_tensor_collectives(self.param_groups[0]["params"][0].device)
+        comm = _Comm(rank, world, self._tensor_collectives)
+        jobs: list[_AdamWJob | _MuonJob] = []
+        for group in self.param_groups:
+            if group["kind"] == "adamw":
+                jobs.extend(_AdamWJob(self, group, p, comm) for p in group["params"])
+            else:
+                jobs.append(_MuonJob(self, group, comm))
+        for job in jobs:
+            job.update_and_gather()
+        for job in jobs:
+            job.finish()
+
+
+class _AdamWJob:
+    """One AdamW param under ZeRO-2: dim-0 shard when it divides evenly and is big enough."""
+
+    def __init__(self, opt: MuonAdamW, group: dict[str, Any], param: torch.Tensor, comm: _Comm):
+        self.opt, self.group, self.param, self.comm = opt, group, param, comm
+        grad = _grad_or_zeros(param).contiguous()
+        self.sharded = param.dim() >= 1 and param.size(0) % comm.world == 0 and param.numel() >= MIN_SHARD_NUMEL
+        if self.sharded:
+            rows = param.size(0) // comm.world
+            self.target = param.data.narrow(0, comm.rank * rows, rows)
+            self.grad = torch.empty_like(self.target, dtype=grad.dtype)
+            self.reduce = comm.reduce_scatter_mean(self.grad, grad)
+        else:
+            self.target = param.data
+            self.grad = grad
+            self.reduce = comm.all_reduce_mean(grad)
+        self.gather: _Pending | None = None
+
+    def update_and_gather(self) -> None:
+        self.reduce.wait()
+        self.opt._adamw_step(self.group, self.param, self.target, self.grad)
+        if self.sharded:
+            # The shard is a view into the gather's output buffer; send a copy so no backend ever
+            # reads and writes the same memory in one collective.
+            self.gather = self.comm.all_gather(self.param.data, self.target.clone())
+
+    def finish(self) -> None:
+        if self.gather is not None:
+            self.gather.wait()
+
+
+class _MuonJob:
+    """One Muon group under ZeRO-2: the stack of N matrices is split into world-size chunks."""
+
+    def __init__(self, opt: MuonAdamW, group: dict[str, Any], comm: _Comm):
+        self.opt, self.group, self.comm = opt, group, comm
+        params: list[torch.Tensor] = group["params"]
+        self.params = params
+        n = len(params)
+        self.chunk = -(-n // comm.world)
+        self.lo = min(n, comm.rank * self.chunk)
+        self.hi = min(n, self.lo + self.chunk)
+        shape = (self.chunk * comm.world, *params[0].shape)
+        first = params[0]
+        full = torch.zeros(shape, dtype=first.grad.dtype if first.grad is not None else first.dtype,
+                           device=first.device)
+        for i, p in enumerate(params):
+            if p.grad is not None:
+                full[i].copy_(p.grad)
+        self.grad = torch.empty((self.chunk, *params[0].shape), dtype=full.dtype, device=full.device)
+        self.reduce = comm.reduce_scatter_mean(self.grad, full)
+        self.gathered = torch.empty(shape, dtype=first.dtype, device=first.device)
+        self.gather: _Pending | None = None
+
+    def update_and_gather(self) -> None:
+        self.reduce.wait()
+        shard = torch.zeros((self.chunk, *self.params[0].shape), dtype=self.params[0].dtype,
+                            device=self.params[0].device)
+        owned = self.params[self.lo:self.hi]
+        if owned:
+            params32 = torch.stack(owned).to(_math_dtype(owned[0].dtype))
+            self.opt._muon_step(self.group, owned[0], params32, self.grad[:len(owned)])
+            shard[:len(owned)].copy_(params32)
+        self.gather = self.comm.all_gather(self.gathered, shard)
+
+    def finish(self) -> None:
+        assert self.gather is not None
+        self.gather.wait()
+        torch._foreach_copy_(self.params, list(self.gathered[:len(self.params)].unbind(0)))
+
+
+def _math_dtype(param_dtype: torch.dtype) -> torch.dtype:
+    """Optimizer arithmetic and state run in fp32 at least (fp64 params keep fp64)."""
+    return torch.promote_types(param_dtype, torch.float32)
+
+
+def _grad_or_zeros(p: torch.Tensor) -> torch.Tensor:
+    return p.grad if p.grad is not None else torch.zeros_like(p)
+
+
+def _check_state_shape(buffer: torch.Tensor, expected: Iterable[int]) -> None:
+    expected = tuple(expected)
+    if tuple(buffer.shape) != expected:
+        raise ValueError(
+            f"optimizer state has shape {tuple(buffer.shape)} but this rank's shard is {expected}; "
+            "was the state saved with a different world size or parameter layout?"
+        )
+
+
+def _require_number(group: dict[str, Any], key: str, low: float, high: float = math.inf,
+                    high_inclusive: bool = True) -> None:
+    value = group[key]
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{group['kind']} group '{key}' must be a number, got {type(value).__name__}")
+    ok = low <= value <= high if high_inclusive else low <= value < high
+    if not ok:
+        bracket = "]" if high_inclusive else ")"
+        raise ValueError(f"{group['kind']} group '{key}' must be in [{low}, {high}{bracket}, got {value}")
+
+
+def _validate_common(group: dict[str, Any]) -> None:
+    _require_number(group, "lr", 0.0)
+    _require_number(group, "weight_decay", 0.0)
+    for p in group["params"]:
+        if not isinstance(p, torch.Tensor):
+            raise TypeError(f"{group['kind']} group params must be tensors, got {type(p).__name__}")
+        if not p.is_floating_point():
+            raise TypeError(f"{group['kind']} group has a non-floating-point param of dtype {p.dtype}")
+
+
+def _validate_adamw(group: dict[str, Any]) -> None:
+    betas = group["betas"]
+    if not isinstance(betas, list | tuple) or len(betas) != 2:
+        raise ValueError(f"adamw group 'betas' must be a pair, got {betas!r}")
+    if not all(isinstance(b, int | float) and not isinstance(b, bool) and 0.0 <= b < 1.0 for b in betas):
+        raise ValueError(f"adamw group 'betas' must both be numbers in [0, 1), got {betas!r}")
+    group["betas"] = (float(betas[0]), float(betas[1]))
+    _require_number(group, "eps", 0.0)
+
+
+def _validate_muon(group: dict[str, Any]) -> None:
+    _require_number(group, "momentum", 0.0, 1.0, high_inclusive=False)
+    _require_number(group, "beta2", 0.0, 1.0, high_inclusive=False)
+    ns_steps = group["ns_steps"]
+    if isinstance(ns_steps, bool) or not isinstance(ns_steps, int) or not 1 <= ns_steps <= len(POLAR_EXPRESS_COEFFS):
+        raise ValueError(f"muon group 'ns_steps' must be an int in [1, {len(POLAR_EXPRESS_COEFFS)}], got {ns_steps!r}")
+    shapes = {tuple(p.shape) for p in group["params"]}
+    if len(shapes) != 1:
+        raise ValueError(f"all params of one muon group must share a shape (they are stacked), got {sorted(shapes)}")
+    (shape,) = shapes
+    if len(shape) != 2:
+        raise ValueError(f"muon params must be 2-D matrices, got shape {shape}")
+    devices = {p.device for p in group["params"]}
+    if len(devices) != 1:
+        raise ValueError(f"all params of one muon group must live on one device, got {sorted(map(str, devices))}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Schedules: pure functions of the step
+
+
+def _check_schedule_args(step: int, num_iterations: int, warmdown_ratio: float) -> None:
+    if num_iterations < 1:
+        raise ValueError(f"num_iterations must be >= 1, got {num_iterations}")
+    if not 0 <= step <= num_iterations:
+        raise ValueError(f"step must be in [0, num_iterations={num_iterations}], got {step}")
+    if not 0.0 <= warmdown_ratio <= 1.0:
+        raise ValueError(f"warmdown_ratio must be in [0, 1], got {warmdown_ratio}")
+
+
+def _warmdown_progress(step: int, num_iterations: int, warmdown_ratio: float) -> float:
+    """0 until the warmdown starts, then linear to 1 at step == num_iterations."""
+    warmdown_steps = round(warmdown_ratio * num_iterations)
+    start = num_iterations - warmdown_steps
+    if warmdown_steps == 0 or step <= start:
+        return 0.0
+    return (step - start) / warmdown_steps
+
+
+def lr_multiplier(step: int, num_iterations: int, warmup_steps: int = 40, warmdown_ratio: float = 0.65,
+                  final_lr_frac: float = 0.05) -> float:
+    """Linear warmup to 1 over `warmup_steps`, constant, then linear warmdown to `final_lr_frac`.
+
+    Warmup reaches 1 at step warmup_steps - 1 (step 0 already trains). Where a short run makes warmup
+    and warmdown overlap, the smaller of the two ramps wins so the schedule stays continuous.
+    """
+    _check_schedule_args(step, num_iterations, warmdown_ratio)
+    if warmup_steps < 0:
+        raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+    if not 0.0 <= final_lr_frac <= 1.0:
+        raise ValueError(f"final_lr_frac must be in [0, 1], got {final_lr_frac}")
+    warmup = min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+    progress = _warmdown_progress(step, num_iterations, warmdown_ratio)
+    warmdown = 1.0 - progress * (1.0 - final_lr_frac)
+    return min(warmup, warmdown)
+
+
+def muon_momentum(step: int, num_iterations: int, warmdown_ratio: float = 0.65) -> float:
+    """0.85 -> 0.97 linearly over the first 400 steps, then 0.97 -> 0.90 linearly across the LR warmdown.
+
+    Where the warmdown starts before step 400, the smaller of the two ramps wins (continuous).
+    """
+    _check_schedule_args(step, num_iterations, warmdown_ratio)
+    frac = min(1.0, step / MUON_MOMENTUM_WARMUP_STEPS)
+    rising = MUON_MOMENTUM_START + frac * (MUON_MOMENTUM_PEAK - MUON_MOMENTUM_START)
+    progress = _warmdown_progress(step, num_iterations, warmdown_ratio)
+    falling = MUON_MOMENTUM_PEAK + progress * (MUON_MOMENTUM_END - MUON_MOMENTUM_PEAK)
+    return min(rising, falling)
+
+
+def weight_decay_multiplier(step: int, num_iterations: int) -> float:
+    """Cosine from 1 at step 0 to 0 at step num_iterations."""
+    _check_schedule_args(step, num_iterations, 0.0)
+    return 0.5 * (1.0 + math.cos(math.pi * step / num_iterations))
+
+
+def apply_schedules(optimizer: torch.optim.Optimizer, step: int, num_iterations: int, warmup_steps: int = 40,
+                    warmdown_ratio: float = 0.65, final_lr_frac: float = 0.05) -> dict[str, float]:
+    """Set lr, weight_decay (and Muon momentum) of every group for `step`; returns the multipliers.
+
+    Each group's lr is its "initial_lr" times the LR multiplier and its weight decay the
+    "initial_weight_decay" times the cosine multiplier (a group lacking "initial_weight_decay" gets
+    its current weight decay recorded as the initial one on the first call).
+    """
+    lrm = lr_multiplier(step, num_iterations, warmup_steps, warmdown_ratio, final_lr_frac)
+    wdm = weight_decay_multiplier(step, num_iterations)
+    momentum = muon_momentum(step, num_iterations, warmdown_ratio)
+    for group in optimizer.param_groups:
+        if "initial_lr" not in group:
+            raise ValueError("param group has no 'initial_lr' (MuonAdamW records it at construction)")
+        group["lr"] = group["initial_lr"] * lrm
+        if "weight_decay" in group:
+            group.setdefault("initial_weight_decay", group["weight_decay"])
+            group["weight_decay"] = group["initial_weight_decay"] * wdm
+        if group.get("kind") == "muon":
+            group["momentum"] = momentum
+    return {"lr_multiplier": lrm, "weight_decay_multiplier": wdm, "muon_momentum": momentum}

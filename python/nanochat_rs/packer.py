@@ -1,0 +1,231 @@
+"""BOS-aligned best-fit sequence packing (Rust), written straight into caller-owned int64 buffers.
+
+Documents (each starting with BOS) are pushed as one flat uint32 token array plus int64 offsets, as
+`Tokenizer.encode_arrow` returns them. They wait in a FIFO *pending* queue and move into a *buffer*
+that is topped up to `buffer_size` documents before every placement. A row holds
+`C = T_text + 1` tokens (`T_text = seq_len - audio_prefix_len`) and is filled left to right: while
+space remains, place the **longest** buffered document that fits whole (ties: the earliest
+arrived); when none fits, place the first `remaining` tokens of the **shortest** buffered document
+(ties: the earliest arrived) and discard the rest of it. `inputs = row[:-1]`, `targets = row[1:]`;
+every position is a real token. With an audio prefix, `targets` is `seq_len` long and starts with
+`audio_prefix_len` copies of -1 (the loss's ignore index).
+
+The rows depend only on the document stream, never on how it was chunked into `push` calls:
+`pack_into` is transactional. When the pending queue runs dry before the batch is complete (a
+top-up cannot reach `buffer_size` documents while the stream is open), it returns False and leaves
+the packer exactly as it was, so the caller pushes more documents and retries; the output buffers
+then hold garbage. After `finish()` (end of stream) top-ups take whatever is left, and `pack_into`
+returns False (again without changing anything) only when the buffer empties before the batch is
+complete.
+
+Packing runs in Rust with the GIL released. `state_dict()` is JSON-serialisable and
+`load_state_dict()` restores it so the following rows are identical.
+"""
+
+from __future__ import annotations
+
+import operator
+import sys
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from nanochat_rs import _native
+
+STATE_FORMAT: str = _native.PACKER_STATE_FORMAT
+STATE_VERSION: int = _native.PACKER_STATE_VERSION
+_STAT_KEYS = ("docs_in", "tokens_in", "tokens_placed", "tokens_cropped", "docs_placed", "docs_cropped",
+              "rows_packed")
+
+
+def _check_int(name: str, value: object, minimum: int) -> int:
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got bool")
+    try:
+        number = operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
+    if number < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {number}")
+    return number
+
+
+def _torch_tensor_type() -> type | None:
+    # Only look at torch if the caller already imported it: this module must not require torch.
+    torch = sys.modules.get("torch")
+    return torch.Tensor if torch is not None else None
+
+
+def _to_numpy(name: str, value: object) -> np.ndarray:
+    """numpy arrays pass through; CPU torch tensors become numpy views sharing their memory."""
+    tensor_type = _torch_tensor_type()
+    if tensor_type is not None and isinstance(value, tensor_type):
+        if value.device.type != "cpu":
+            raise ValueError(f"{name} must be a CPU tensor (pinned is fine), got one on {value.device}")
+        if value.requires_grad:
+            raise ValueError(f"{name} must not require grad")
+        return value.numpy()
+    if isinstance(value, np.ndarray):
+        return value
+    raise TypeError(f"{name} must be a numpy array or a CPU torch tensor, got {type(value).__name__}")
+
+
+def _input_array(name: str, value: object, dtype: type[np.generic]) -> np.ndarray:
+    array = _to_numpy(name, value)
+    if array.dtype != dtype:
+        raise TypeError(f"{name} must have dtype {np.dtype(dtype).name}, got {array.dtype} "
+                        f"(convert with .astype(np.{np.dtype(dtype).name}))")
+    if array.ndim != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {array.shape}")
+    return np.ascontiguousarray(array)  # a no-op for the contiguous arrays the tokenizer returns
+
+
+def _output_array(name: str, value: object, columns: int) -> np.ndarray:
+    array = _to_numpy(name, value)
+    if array.dtype != np.int64:
+        raise TypeError(f"{name} must have dtype int64 (torch.long), got {array.dtype}")
+    if array.ndim != 2 or array.shape[0] < 1 or array.shape[1] != columns:
+        raise ValueError(f"{name} must have shape (B, {columns}) with B >= 1, got {tuple(array.shape)}")
+    if not array.flags.c_contiguous:
+        raise ValueError(f"{name} must be C-contiguous")
+    if not array.flags.writeable:
+        raise ValueError(f"{name} must be writable")
+    return array
+
+
+def _state_int(state: Mapping[str, Any], key: str, minimum: int = 0) -> int:
+    return _check_int(f"state[{key!r}]", state[key], minimum)
+
+
+def _state_list(state: Mapping[str, Any], key: str, item_type: type) -> list[Any]:
+    value = state[key]
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        raise TypeError(f"state[{key!r}] must be a list, got {type(value).__name__}")
+    items = list(value)
+    for i, item in enumerate(items):
+        if not isinstance(item, item_type) or isinstance(item, bool):
+            raise TypeError(f"state[{key!r}][{i}] must be {item_type.__name__}, got {type(item).__name__}")
+    return items
+
+
+class BestFitPacker:
+    """Best-fit packer with crop-shortest; see the module docstring for the exact rules.
+
+    `bos_token_id`, when given, is checked to start every pushed document.
+    """
+
+    def __init__(self, seq_len: int, buffer_size: int = 1000, audio_prefix_len: int = 0,
+                 bos_token_id: int | None = None) -> None:
+        seq_len = _check_int("seq_len", seq_len, 1)
+        buffer_size = _check_int("buffer_size", buffer_size, 1)
+        audio_prefix_len = _check_int("audio_prefix_len", audio_prefix_len, 0)
+        if seq_len <= audio_prefix_len:
+            raise ValueError(f"seq_len ({seq_len}) must be greater than audio_prefix_len ({audio_prefix_len}) "
+                             "so every row holds at least one text token")
+        if bos_token_id is not None:
+            bos_token_id = _check_int("bos_token_id", bos_token_id, 0)
+            if bos_token_id > np.iinfo(np.uint32).max:
+                raise ValueError(f"bos_token_id must fit in uint32, got {bos_token_id}")
+        self._native = _native.Packer(seq_len, buffer_size, audio_prefix_len, bos_token_id)
+
+    @property
+    def seq_len(self) -> int:
+        return self._native.seq_len
+
+    @property
+    def buffer_size(self) -> int:
+        return self._native.buffer_size
+
+    @property
+    def audio_prefix_len(self) -> int:
+        return self._native.audio_prefix_len
+
+    @property
+    def bos_token_id(self) -> int | None:
+        return self._native.bos_token_id
+
+    @property
+    def text_len(self) -> int:
+        """Columns of `inputs`: `seq_len - audio_prefix_len`."""
+        return self.seq_len - self.audio_prefix_len
+
+    @property
+    def finished(self) -> bool:
+        return self._native.finished
+
+    def push(self, tokens: np.ndarray, offsets: np.ndarray) -> None:
+        """Append documents `tokens[offsets[i]:offsets[i + 1]]` to the stream.
+
+        `tokens` is uint32 and `offsets` int64, both 1-D; `offsets[0] == 0`,
+        `offsets[-1] == len(tokens)` and offsets strictly increase (no empty documents). Invalid
+        input raises ValueError/TypeError and adds nothing.
+        """
+        tokens = _input_array("tokens", tokens, np.uint32)
+        offsets = _input_array("offsets", offsets, np.int64)
+        self._native.push(tokens, offsets)
+
+    def finish(self) -> None:
+        """Mark the end of the stream; pushing afterwards raises ValueError."""
+        self._native.finish()
+
+    def pack_into(self, inputs: Any, targets: Any) -> bool:
+        """Fill int64 `inputs` (B, seq_len - audio_prefix_len) and `targets` (B, seq_len) in place.
+
+        Both may be numpy arrays or CPU torch tensors (pinned or not), C-contiguous, writable and
+        not overlapping. Returns True when all B rows were filled. Returns False, with the packer
+        state unchanged, when more documents must be pushed first (or, after `finish()`, when the
+        documents left cannot complete the batch).
+        """
+        inputs = _output_array("inputs", inputs, self.text_len)
+        targets = _output_array("targets", targets, self.seq_len)
+        if inputs.shape[0] != targets.shape[0]:
+            raise ValueError(f"inputs and targets must have the same number of rows, got {inputs.shape[0]} "
+                             f"and {targets.shape[0]}")
+        if np.may_share_memory(inputs, targets):
+            raise ValueError("inputs and targets must not share memory")
+        return self._native.pack_into(inputs, targets)
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """Counters: docs_in, tokens_in, tokens_placed, tokens_cropped, docs_placed, docs_cropped,
+        rows_packed, plus docs/tokens currently buffered and pending. Every pushed token is placed,
+        cropped, buffered or pending."""
+        return self._native.stats()
+
+    def state_dict(self) -> dict[str, Any]:
+        """The full state (configuration, counters, held documents as base64 uint32), JSON-serialisable."""
+        return self._native.state_dict()
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore a `state_dict()` taken from a packer with the same configuration."""
+        if not isinstance(state, Mapping):
+            raise TypeError(f"state must be a dict from state_dict(), got {type(state).__name__}")
+        expected = ("format", "version", "seq_len", "buffer_size", "audio_prefix_len", "bos_token_id",
+                    "finished", "next_seq", "stats", "buffer_seqs", "buffer_docs", "pending_docs")
+        missing = [k for k in expected if k not in state]
+        if missing:
+            raise ValueError(f"not a packer state: missing keys {missing}")
+        if state["format"] != STATE_FORMAT or state["version"] != STATE_VERSION:
+            raise ValueError(f"not a packer state of format {STATE_FORMAT!r} version {STATE_VERSION}: got "
+                             f"{state['format']!r} version {state['version']!r}")
+        stats = state["stats"]
+        if not isinstance(stats, Mapping) or any(k not in stats for k in _STAT_KEYS):
+            raise ValueError(f"state['stats'] must be a dict with keys {list(_STAT_KEYS)}")
+        bos = state["bos_token_id"]
+        if not isinstance(state["finished"], bool):
+            raise TypeError(f"state['finished'] must be a bool, got {type(state['finished']).__name__}")
+        self._native.load_state(
+            _state_int(state, "seq_len", 1), _state_int(state, "buffer_size", 1),
+            _state_int(state, "audio_prefix_len"), None if bos is None else _state_int(state, "bos_token_id"),
+            state["finished"], _state_int(state, "next_seq"),
+            tuple(_check_int(f"state['stats'][{k!r}]", stats[k], 0) for k in _STAT_KEYS),
+            _state_list(state, "buffer_seqs", int), _state_list(state, "buffer_docs", str),
+            _state_list(state, "pending_docs", str),
+        )
+
+    def __repr__(self) -> str:
+        s = self.stats
+        return (f"BestFitPacker(seq_len={self.seq_len}, buffer_size={self.buffer_size}, "
+                f"audio_prefix_len={self.audio_prefix_len}, bos_token_id={self.bos_token_id}, "
+                f"buffered={s['docs_buffered']}, pending={s['docs_pending']})")

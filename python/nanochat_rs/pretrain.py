@@ -1,0 +1,460 @@
+"""Base-model pretraining as library code: `train(TrainConfig(...)) -> summary`.
+
+One dial, depth, sets everything else for the speedrun preset (see `plan_training`):
+
+    model_dim   = ceil(depth * aspect_ratio / head_dim) * head_dim        (aspect 64, head_dim 128)
+    n_head      = model_dim / head_dim
+    N           = scaling params = block matrices + lm_head  (GPT.num_scaling_params())
+    D           = ratio * N target tokens                     (ratio 8)
+    B           = 2**round(log2(B_ref * (D / D_ref) ** 0.383))  tokens per optimizer step, where
+                  B_ref = 2**19 and D_ref = ratio * N of the depth-12 model with the same vocab and
+                  sequence length; then rounded to a multiple of one micro-step (B_dev * T * ranks)
+    lr          = base_lr * sqrt(B / B_ref)                   for every group
+    wd          = 0.28 * (B / B_ref) * (lr_ref / lr) * (D_ref / D) = 0.28 * sqrt(B / B_ref) * D_ref / D
+                  which keeps B / (lr * wd * D) at its d12 value (lr = the matrix/Muon LR)
+    iterations  = round(D / B)
+
+The cpu preset instead fixes a tiny model and a short run with the base hyperparameters unscaled: the
+scaling laws are fitted around 2**19-token batches and would shrink LRs ~16x at CPU batch sizes.
+
+The loop: gradient accumulation up to the total batch, schedules from `optim.apply_schedules`,
+validation bits-per-byte every `eval_every` steps, greedy samples every `sample_every` steps, and
+checkpoints (model, per-rank optimizer, per-rank dataloader state) every `save_every` steps and at the
+end. `resume=True` continues from a checkpoint with the same data order; nothing in a step is random,
+so a resumed run reproduces the uninterrupted run's parameters bit for bit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from nanochat_rs.common import DistInfo, base_dir, compute_cleanup, compute_init, is_ddp_initialized, print0
+from nanochat_rs.gpt import GPT, GPTConfig, config_for_depth
+
+H100_BF16_PEAK_FLOPS = 989e12
+"""Dense bf16 peak of one H100 SXM, the denominator of MFU."""
+
+REFERENCE_DEPTH = 12
+REFERENCE_BATCH_TOKENS = 2**19
+BATCH_EXPONENT = 0.383
+BASE_LRS = {"embedding_lr": 0.3, "unembedding_lr": 0.008, "matrix_lr": 0.02, "scalar_lr": 0.5}
+BASE_WEIGHT_DECAY = 0.28
+ADAM_BETAS = (0.8, 0.95)
+SCHEDULE = {"warmup_steps": 40, "warmdown_ratio": 0.65, "final_lr_frac": 0.05}
+LOSS_EMA_BETA = 0.9
+SAMPLE_PROMPTS = (
+    "The capital of France is",
+    "The Python programming language",
+    "If yesterday was Friday, then tomorrow will be",
+    "In this document we propose",
+)
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # GPU speedrun: depth sets model, batch, LRs and length (total_batch_size/num_iterations None = auto).
+    "speedrun": dict(depth=20, aspect_ratio=64, head_dim=128, seq_len=2048, device_batch_size=32,
+                     total_batch_size=None, num_iterations=None, target_param_data_ratio=8.0,
+                     eval_every=250, eval_tokens=20 * 2**19, sample_every=2000, save_every=1000,
+                     scale_hyperparameters=True),
+    # A few minutes on 2 CPU cores with the embedded corpus; still writes a usable checkpoint.
+    "cpu": dict(depth=4, aspect_ratio=32, head_dim=64, seq_len=256, device_batch_size=8,
+                total_batch_size=2048, num_iterations=300, target_param_data_ratio=8.0,
+                eval_every=100, eval_tokens=8 * 2048, sample_every=150, save_every=150,
+                scale_hyperparameters=False),
+}
+
+
+@dataclass
+class TrainConfig:
+    """Every knob of a pretraining run. None means: take it from the preset (or derive it)."""
+
+    preset: str | None = None            # "speedrun" | "cpu"; None: speedrun on CUDA, cpu elsewhere
+    depth: int | None = None
+    aspect_ratio: int | None = None      # model_dim = depth * aspect_ratio, rounded up to head_dim
+    head_dim: int | None = None
+    window_pattern: str = "SSSL"
+    seq_len: int | None = None
+    device_batch_size: int | None = None
+    total_batch_size: int | None = None  # tokens per optimizer step; None: derived (speedrun)
+    num_iterations: int | None = None    # None: derived from target_param_data_ratio
+    target_param_data_ratio: float | None = None
+    scale_hyperparameters: bool | None = None
+    eval_every: int | None = None        # <= 0: only at the end
+    eval_tokens: int | None = None
+    sample_every: int | None = None      # <= 0: only at the end
+    sample_max_tokens: int = 16
+    save_every: int | None = None        # <= 0: only at the end
+    device_type: str | None = None       # None: autodetect
+    fp8: bool = False
+    compile: bool = False
+    resume: bool = False
+    resume_step: int | None = None       # None: the newest checkpoint in run_dir
+    run_dir: str | None = None           # checkpoints; None: base_dir()/base_checkpoints/d{depth}
+    data_dir: str | None = None          # parquet shards; None: NANOCHAT_DATA_DIR / embedded corpus
+    tokenizer_dir: str | None = None     # None: get_tokenizer() (trains one on the embedded corpus if needed)
+    seed: int = 42
+
+
+@dataclass
+class TrainPlan:
+    """The concrete numbers a run uses, derived from a resolved TrainConfig."""
+
+    model_config: dict[str, Any]
+    num_scaling_params: int
+    target_tokens: int
+    total_batch_size: int
+    grad_accum_steps: int
+    num_iterations: int
+    lr_scale: float
+    weight_decay: float
+    lrs: dict[str, float] = field(default_factory=dict)
+
+    def optimizer_kwargs(self) -> dict[str, Any]:
+        return dict(self.lrs, weight_decay=self.weight_decay, adam_betas=ADAM_BETAS)
+
+
+# ---- configuration -----------------------------------------------------------------------------
+
+
+def resolve_config(config: TrainConfig, device_type: str) -> TrainConfig:
+    """Fill every None field from the preset (speedrun on CUDA, cpu elsewhere) and validate."""
+    preset = config.preset or ("speedrun" if device_type == "cuda" else "cpu")
+    if preset not in PRESETS:
+        raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
+    values = {f.name: getattr(config, f.name) for f in fields(config)}
+    for name, default in PRESETS[preset].items():
+        if values[name] is None:
+            values[name] = default
+    values.update(preset=preset, device_type=device_type)
+    resolved = TrainConfig(**values)
+    for name in ("depth", "aspect_ratio", "head_dim", "seq_len", "device_batch_size", "eval_tokens",
+                 "sample_max_tokens"):
+        value = getattr(resolved, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    for name in ("total_batch_size", "num_iterations"):
+        value = getattr(resolved, name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name} must be a positive int (or None for automatic), got {value!r}")
+    if not resolved.target_param_data_ratio or resolved.target_param_data_ratio <= 0:
+        raise ValueError(f"target_param_data_ratio must be > 0, got {resolved.target_param_data_ratio!r}")
+    if resolved.resume_step is not None and not resolved.resume:
+        raise ValueError("resume_step is only meaningful with resume=True")
+    return resolved
+
+
+def gpt_config_dict(depth: int, aspect_ratio: int, head_dim: int, seq_len: int, vocab_size: int,
+                    window_pattern: str) -> dict[str, Any]:
+    return asdict(config_for_depth(depth, vocab_size, seq_len, head_dim=head_dim, aspect_ratio=aspect_ratio,
+                                   window_pattern=window_pattern))
+
+
+def scaling_params(model_config: dict[str, Any]) -> int:
+    """Block matrices + lm_head of a GPT with this config, counted on the meta device (no memory)."""
+    with torch.device("meta"):
+        model = GPT(GPTConfig(**model_config))
+    counts = model.num_scaling_params()
+    return int(counts["matrix"]) + int(counts["lm_head"])
+
+
+def round_batch(tokens: float, micro_tokens: int) -> int:
+    """Nearest power of two, then the nearest (non-zero) multiple of one micro-step's tokens."""
+    power = 2 ** round(math.log2(max(tokens, 1.0)))
+    return max(1, round(power / micro_tokens)) * micro_tokens
+
+
+def plan_training(config: TrainConfig, vocab_size: int, world_size: int = 1) -> TrainPlan:
+    """Derive the model, batch, iterations, LRs and weight decay of a resolved config (module docstring)."""
+    assert config.depth and config.aspect_ratio and config.head_dim and config.seq_len  # resolved
+    model_config = gpt_config_dict(config.depth, config.aspect_ratio, config.head_dim, config.seq_len,
+                                   vocab_size, config.window_pattern)
+    n_params = scaling_params(model_config)
+    ratio = float(config.target_param_data_ratio or 0)
+    target_tokens = int(ratio * n_params)
+    micro_tokens = int(config.device_batch_size or 0) * config.seq_len * world_size
+    ref_tokens = ratio * scaling_params(gpt_config_dict(REFERENCE_DEPTH, 64, 128, config.seq_len, vocab_size,
+                                                        config.window_pattern))
+    if config.total_batch_size is not None:
+        total_batch = config.total_batch_size
+    else:
+        total_batch = round_batch(REFERENCE_BATCH_TOKENS * (target_tokens / ref_tokens) ** BATCH_EXPONENT,
+                                  micro_tokens)
+    if total_batch % micro_tokens:
+        raise ValueError(f"total_batch_size {total_batch} is not a multiple of device_batch_size * seq_len * "
+                         f"world_size = {micro_tokens}")
+    num_iterations = config.num_iterations or max(1, round(target_tokens / total_batch))
+    if config.scale_hyperparameters:
+        lr_scale = math.sqrt(total_batch / REFERENCE_BATCH_TOKENS)
+        trained_tokens = num_iterations * total_batch
+        weight_decay = BASE_WEIGHT_DECAY * lr_scale * ref_tokens / trained_tokens
+    else:
+        lr_scale, weight_decay = 1.0, BASE_WEIGHT_DECAY
+    return TrainPlan(model_config=model_config, num_scaling_params=n_params, target_tokens=target_tokens,
+                     total_batch_size=total_batch, grad_accum_steps=total_batch // micro_tokens,
+                     num_iterations=num_iterations, lr_scale=lr_scale, weight_decay=weight_decay,
+                     lrs={k: v * lr_scale for k, v in BASE_LRS.items()})
+
+
+# ---- pieces of the loop ----------------------------------------------------------------------------
+
+
+@dataclass
+class LoopState:
+    """Everything besides model/optimizer/data that a resumed run continues from (for logging only)."""
+
+    smooth_loss: float = 0.0
+    training_time_s: float = 0.0
+    timed_steps: int = 0
+    val_bpb: float | None = None
+    min_val_bpb: float | None = None
+
+
+def _load_tokenizer(config: TrainConfig) -> tuple[Any, Path]:
+    from nanochat_rs.tokenizer import get_tokenizer, tokenizer_dir
+
+    directory = Path(config.tokenizer_dir) if config.tokenizer_dir else tokenizer_dir()
+    return get_tokenizer(directory), directory.resolve()
+
+
+def _build_model(plan: TrainPlan, config: TrainConfig, device: torch.device) -> torch.nn.Module:
+    from nanochat_rs.checkpoint import build_model
+
+    model = build_model(plan.model_config, device)
+    if config.fp8:
+        if device.type != "cuda":
+            raise ValueError("fp8 training needs a CUDA device (torch._scaled_mm)")
+        from nanochat_rs.fp8 import convert_to_float8_training
+
+        # Block matmuls only: the lm_head feeds the soft-capped logits and stays in high precision.
+        convert_to_float8_training(model, lambda module, fqn: fqn.startswith("transformer.h."))
+    return model
+
+
+def _full_precision(model: torch.nn.Module, config: TrainConfig) -> contextlib.AbstractContextManager[Any]:
+    """Evaluation and sampling run without fp8 so their numbers are comparable across runs."""
+    if not config.fp8:
+        return contextlib.nullcontext()
+    from nanochat_rs.fp8 import disable_fp8
+
+    return disable_fp8(model)
+
+
+def _gather_loader_states(state: Any, info: DistInfo) -> list[Any]:
+    if not is_ddp_initialized():
+        return [state]
+    states: list[Any] = [None] * info.world_size
+    dist.all_gather_object(states, state)
+    return states
+
+
+def _resume(run_dir: Path, config: TrainConfig, plan: TrainPlan, model: torch.nn.Module,
+            optimizer: torch.optim.Optimizer, info: DistInfo,
+            device: torch.device) -> tuple[int, Any, LoopState]:
+    from nanochat_rs.checkpoint import CheckpointError, load_checkpoint
+
+    model_state, optim_state, meta = load_checkpoint(run_dir, config.resume_step, device=device)
+    if meta["model_config"] != plan.model_config:
+        raise ValueError(f"cannot resume: the checkpoint's model {meta['model_config']} differs from this "
+                         f"run's {plan.model_config}; pass the same depth/preset/seq_len as the original run")
+    model.load_state_dict(model_state, strict=True)
+    assert optim_state is not None
+    try:
+        optimizer.load_state_dict(optim_state)
+    except (ValueError, KeyError) as e:
+        raise CheckpointError(f"optimizer state in {run_dir} does not fit this optimizer: {e}") from None
+    saved_plan = meta.get("plan", {})
+    for key in ("total_batch_size", "num_iterations"):
+        if saved_plan.get(key) not in (None, getattr(plan, key)):
+            print0(f"Note: {key} was {saved_plan[key]} in the checkpoint, now {getattr(plan, key)}: "
+                   "the continuation will differ from the original run")
+    states = meta.get("dataloader_states") or [meta["dataloader_state"]]
+    loop = LoopState(**meta.get("loop_state", {}))
+    print0(f"Resumed from {run_dir} at step {meta['step']}")
+    return int(meta["step"]), states[info.rank], loop
+
+
+def _evaluate(model: torch.nn.Module, tokenizer: Any, config: TrainConfig, token_bytes: torch.Tensor,
+              info: DistInfo, device: torch.device) -> float:
+    from nanochat_rs.dataloader import tokenizing_data_loader
+    from nanochat_rs.loss_eval import evaluate_bpb
+
+    assert config.device_batch_size and config.seq_len and config.eval_tokens
+    steps = max(1, config.eval_tokens // (config.device_batch_size * config.seq_len * info.world_size))
+    batches = tokenizing_data_loader(tokenizer, config.device_batch_size, config.seq_len, "val",
+                                     device=device, data_dir=config.data_dir)
+    try:
+        return evaluate_bpb(model, batches, steps, token_bytes)
+    finally:
+        _close(batches)
+
+
+def _sample(model: Any, tokenizer: Any, max_tokens: int) -> None:
+    was_training = model.training
+    model.eval()
+    try:
+        for prompt in SAMPLE_PROMPTS:
+            ids = tokenizer.encode(prompt, prepend="<|bos|>")
+            completion = list(model.generate(ids, max_tokens=max_tokens, temperature=0.0))
+            print0(f"  sample: {prompt!r} -> {tokenizer.decode(completion)!r}")
+    finally:
+        model.train(was_training)
+
+
+def _save(run_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+          loader_state: Any, loop: LoopState, config: TrainConfig, plan: TrainPlan, tokenizer_dir: Path,
+          info: DistInfo) -> None:
+    from nanochat_rs.checkpoint import save_checkpoint, tokenizer_fingerprint
+
+    states = _gather_loader_states(loader_state, info)
+    meta = {
+        "model_config": plan.model_config, "step": step, "dataloader_state": states[0],
+        "dataloader_states": states, "tokenizer_dir": str(tokenizer_dir),
+        "tokenizer_id": tokenizer_fingerprint(tokenizer_dir), "train_config": asdict(config),
+        "plan": asdict(plan), "loop_state": asdict(loop),
+    }
+    path = save_checkpoint(run_dir, step, model, optimizer, meta, rank=info.rank)
+    print0(f"Saved checkpoint {path}")
+
+
+def _progress_line(step: int, num_iterations: int, loss: float, dt: float, tokens: int, loop: LoopState,
+                   flops_per_token: float, info: DistInfo, device: torch.device) -> str:
+    line = (f"step {step:05d}/{num_iterations:05d} ({100 * step / num_iterations:5.1f}%) | loss {loss:.6f} | "
+            f"dt {dt * 1000:8.1f} ms | tok/s {tokens / dt:,.0f}")
+    if device.type == "cuda":
+        mfu = flops_per_token * tokens / dt / (H100_BF16_PEAK_FLOPS * info.world_size)
+        line += f" | mfu {100 * mfu:.2f}%"
+    if loop.timed_steps:
+        eta = (num_iterations - step) * loop.training_time_s / loop.timed_steps
+        line += f" | eta {eta / 60:.1f} min"
+    return line
+
+
+def _is_due(step: int, every: int | None, last: bool) -> bool:
+    return last or (every is not None and every > 0 and step % every == 0)
+
+
+def _close(batches: Any) -> None:
+    # Generators (and loaders with a prefetch thread) release their resources on close().
+    close = getattr(batches, "close", None)
+    if close is not None:
+        close()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ---- the loop --------------------------------------------------------------------------------------
+
+
+def train(config: TrainConfig) -> dict[str, Any]:
+    """Pretrain a base model; returns a summary (steps, final/min val bpb, times, checkpoint dir)."""
+    from nanochat_rs.common import autodetect_device_type
+
+    resolved = resolve_config(config, config.device_type or autodetect_device_type())
+    info, device = compute_init(resolved.device_type, seed=resolved.seed)
+    try:
+        return _train(resolved, info, device)
+    finally:
+        compute_cleanup()
+
+
+def _train(config: TrainConfig, info: DistInfo, device: torch.device) -> dict[str, Any]:
+    from nanochat_rs.dataloader import tokenizing_data_loader
+    from nanochat_rs.optim import apply_schedules
+
+    wall_start = time.time()
+    tokenizer, tokenizer_dir = _load_tokenizer(config)
+    token_bytes = torch.tensor(tokenizer.token_bytes(), dtype=torch.int64, device=device)
+    plan = plan_training(config, tokenizer.vocab_size, info.world_size)
+    model = _build_model(plan, config, device)
+    optimizer = model.setup_optimizer(**plan.optimizer_kwargs())
+    run_dir = Path(config.run_dir) if config.run_dir else base_dir() / "base_checkpoints" / f"d{config.depth}"
+    step, loader_state, loop = 0, None, LoopState()
+    if config.resume:
+        step, loader_state, loop = _resume(run_dir, config, plan, model, optimizer, info, device)
+    start_step = step
+    train_model = torch.compile(model, dynamic=False) if config.compile else model
+    flops_per_token = float(model.estimate_flops())
+    _print_plan(config, plan, run_dir, tokenizer.vocab_size)
+
+    batches = tokenizing_data_loader(tokenizer, config.device_batch_size, config.seq_len, "train",
+                                     device=device, resume_state=loader_state, data_dir=config.data_dir)
+    num_iterations = plan.num_iterations
+    loss_value = float("nan")
+    try:
+        while True:
+            last = step == num_iterations
+            # A resumed run already evaluated/sampled/saved its first step before the interruption.
+            fresh = step > start_step or not config.resume
+            if fresh and _is_due(step, config.eval_every, last):
+                with _full_precision(model, config):
+                    loop.val_bpb = _evaluate(train_model, tokenizer, config, token_bytes, info, device)
+                loop.min_val_bpb = min(loop.val_bpb, loop.min_val_bpb or math.inf)
+                print0(f"step {step:05d} | validation bpb {loop.val_bpb:.6f}")
+            if info.rank == 0 and step > start_step and _is_due(step, config.sample_every, last):
+                with _full_precision(model, config):
+                    _sample(model, tokenizer, config.sample_max_tokens)
+            if step > start_step and _is_due(step, config.save_every, last):
+                _save(run_dir, step, model, optimizer, loader_state, loop, config, plan, tokenizer_dir, info)
+            if last:
+                break
+            _sync(device)
+            t0 = time.time()
+            loss_sum = torch.zeros((), device=device)
+            for _ in range(plan.grad_accum_steps):
+                inputs, targets, loader_state = next(batches)
+                loss = train_model(inputs, targets)
+                loss_sum += loss.detach()
+                (loss / plan.grad_accum_steps).backward()
+            apply_schedules(optimizer, step, num_iterations, **SCHEDULE)
+            optimizer.step()
+            model.zero_grad(set_to_none=True)
+            loss_value = float(loss_sum.item()) / plan.grad_accum_steps  # also syncs the device
+            _sync(device)
+            dt = time.time() - t0
+            if step > start_step:  # the first step of a session pays for warm-up/compilation
+                loop.training_time_s += dt
+                loop.timed_steps += 1
+            if not math.isfinite(loss_value):
+                raise FloatingPointError(f"training loss became {loss_value} at step {step}")
+            loop.smooth_loss = LOSS_EMA_BETA * loop.smooth_loss + (1 - LOSS_EMA_BETA) * loss_value
+            step += 1
+            debiased = loop.smooth_loss / (1 - LOSS_EMA_BETA**step)
+            print0(_progress_line(step, num_iterations, debiased, dt, plan.total_batch_size, loop,
+                                  flops_per_token, info, device))
+    finally:
+        _close(batches)
+
+    summary = {
+        "steps": step, "num_iterations": num_iterations, "final_loss": loss_value,
+        "final_val_bpb": loop.val_bpb, "min_val_bpb": loop.min_val_bpb,
+        "training_time_s": loop.training_time_s, "wall_time_s": time.time() - wall_start,
+        "tokens_trained": step * plan.total_batch_size, "checkpoint_dir": str(run_dir),
+        "num_scaling_params": plan.num_scaling_params,
+    }
+    print0(f"Done: {summary['steps']} steps, {summary['tokens_trained']:,} tokens, "
+           f"wall time {summary['wall_time_s'] / 60:.2f} min, final val bpb {_fmt(loop.val_bpb)}, "
+           f"min val bpb {_fmt(loop.min_val_bpb)}; checkpoints in {run_dir}")
+    return summary
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.6f}"
+
+
+def _print_plan(config: TrainConfig, plan: TrainPlan, run_dir: Path, vocab_size: int) -> None:
+    mc = plan.model_config
+    print0(f"preset {config.preset} | depth {mc['n_layer']} | dim {mc['n_embd']} | heads {mc['n_head']} | "
+           f"seq {mc['sequence_len']} | vocab {vocab_size} | scaling params {plan.num_scaling_params:,}")
+    print0(f"batch {plan.total_batch_size:,} tokens ({plan.grad_accum_steps} micro-steps of "
+           f"{config.device_batch_size}x{config.seq_len}) | iterations {plan.num_iterations} | "
+           f"lr scale {plan.lr_scale:.4f} | weight decay {plan.weight_decay:.4f} | run dir {run_dir}")

@@ -1,0 +1,167 @@
+"""Chat with a trained model from the terminal.
+
+    python scripts/chat.py                       # interactive, newest checkpoint under $NANOCHAT_BASE_DIR
+    python scripts/chat.py -p "What is 2+2?"     # one answer, then exit
+    python scripts/chat.py --checkpoint DIR --device-type cpu --temperature 0
+
+Interactive commands: 'quit' / 'exit' (or EOF) to leave, 'clear' to start a new conversation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from nanochat_rs.checkpoint import META_FILE, load_model
+from nanochat_rs.common import autodetect_device_type, base_dir, compute_cleanup, compute_init
+from nanochat_rs.engine import Engine
+from nanochat_rs.tokenizer import Tokenizer
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Chat with a nanochat_rs model.")
+    parser.add_argument("--checkpoint", type=Path, default=None,
+                        help="checkpoint directory holding step_NNNNNN/ folders "
+                             "(default: the most recently written one under $NANOCHAT_BASE_DIR/checkpoints "
+                             "or $NANOCHAT_BASE_DIR/base_checkpoints)")
+    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
+    parser.add_argument("-p", "--prompt", default=None, help="answer this one prompt and exit")
+    parser.add_argument("--temperature", type=float, default=0.6, help="0 = greedy")
+    parser.add_argument("--top-k", type=int, default=50, help="sample from the k most likely tokens (0 = all)")
+    parser.add_argument("--max-tokens", type=int, default=512, help="most tokens per answer")
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--device-type", default=None, choices=["cuda", "cpu", "mps"],
+                        help="default: autodetect")
+    return parser.parse_args(argv)
+
+
+CHECKPOINT_ROOTS = ("checkpoints", "base_checkpoints")  # under base_dir(); pretraining writes the latter
+
+
+def default_checkpoint_dir(base: Path) -> Path:
+    """The checkpoint directory (one holding step_NNNNNN/ folders) under `base`/{checkpoints,
+    base_checkpoints} whose newest complete step was written last."""
+    markers = [marker for root in CHECKPOINT_ROOTS
+               for marker in (base / root).glob(f"**/step_*/{META_FILE}")]
+    if not markers:
+        roots = " or ".join(str(base / root) for root in CHECKPOINT_ROOTS)
+        raise FileNotFoundError(f"no checkpoints under {roots}: train a model first or pass --checkpoint DIR")
+    newest = max(markers, key=lambda p: p.stat().st_mtime)
+    return newest.parent.parent
+
+
+def user_turn(tokenizer: Tokenizer, text: str) -> list[int]:
+    """Tokens of one user message followed by the assistant prefix, as conversation.py renders them."""
+    return [tokenizer.encode_special("<|user_start|>"), *tokenizer.encode(text),  # type: ignore[misc]
+            tokenizer.encode_special("<|user_end|>"), tokenizer.encode_special("<|assistant_start|>")]
+
+
+@dataclass(frozen=True)
+class Chat:
+    """A loaded model plus the sampling options of this run."""
+
+    engine: Engine
+    tokenizer: Tokenizer
+    context: int  # the model's sequence_len: prompt + reply must fit in it
+    temperature: float
+    top_k: int | None
+    max_tokens: int
+
+    def room_for(self, tokens: list[int]) -> int:
+        return min(self.max_tokens, self.context - len(tokens))
+
+    def stream(self, tokens: list[int], seed: int) -> Iterator[tuple[int, str]]:
+        """Yield (token, newly printable text) per generated token until the assistant stops.
+
+        Text is decoded from the whole reply so far and held back while it ends in a partial UTF-8
+        character (a multi-byte character can be split across tokens).
+        """
+        stop = {self.tokenizer.encode_special("<|assistant_end|>"), self.tokenizer.bos_token_id}
+        reply: list[int] = []
+        shown = 0
+        for column, _ in self.engine.generate(tokens, max_tokens=self.room_for(tokens),
+                                              temperature=self.temperature, top_k=self.top_k, seed=seed):
+            token = column[0]
+            if token in stop:
+                return
+            reply.append(token)
+            text = self.tokenizer.decode(reply)
+            if text.endswith("\ufffd"):
+                yield token, ""
+                continue
+            yield token, text[shown:]
+            shown = len(text)
+
+    def answer(self, tokens: list[int], seed: int) -> list[int]:
+        """Print the reply as it streams and return its tokens."""
+        reply = []
+        for token, text in self.stream(tokens, seed):
+            reply.append(token)
+            print(text, end="", flush=True)
+        print()
+        return reply
+
+
+def chat_loop(chat: Chat, seed: int) -> None:
+    tokenizer = chat.tokenizer
+    print("nanochat_rs chat. Type 'quit' or 'exit' to leave, 'clear' to start over.")
+    conversation = [tokenizer.bos_token_id]
+    turn = 0
+    while True:
+        try:
+            text = input("\nUser: ").strip()
+        except EOFError:
+            print()
+            return
+        if text.lower() in ("quit", "exit"):
+            return
+        if text.lower() == "clear":
+            conversation = [tokenizer.bos_token_id]
+            print("(conversation cleared)")
+            continue
+        if not text:
+            continue
+        tokens = conversation + user_turn(tokenizer, text)
+        if chat.room_for(tokens) <= 0:
+            print(f"(the conversation fills the model's {chat.context}-token context; type 'clear')")
+            continue
+        print("Assistant: ", end="", flush=True)
+        reply = chat.answer(tokens, seed=seed + turn)  # a fresh seed per turn: replies don't echo
+        conversation = tokens + reply + [tokenizer.encode_special("<|assistant_end|>")]
+        turn += 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.max_tokens < 1:
+        raise SystemExit(f"--max-tokens must be positive, got {args.max_tokens}")
+    if args.temperature < 0 or args.top_k < 0:
+        raise SystemExit("--temperature and --top-k must be >= 0")
+    _, device = compute_init(args.device_type or autodetect_device_type())
+    try:
+        checkpoint = args.checkpoint or default_checkpoint_dir(base_dir())
+        model, tokenizer, _ = load_model(checkpoint, device, step=args.step)
+    except (FileNotFoundError, ValueError) as e:  # CheckpointError is a ValueError
+        raise SystemExit(f"error: {e}") from None
+    chat = Chat(Engine(model, tokenizer), tokenizer, model.config.sequence_len, args.temperature,
+                args.top_k or None, args.max_tokens)
+    try:
+        if args.prompt is not None:
+            tokens = [tokenizer.bos_token_id, *user_turn(tokenizer, args.prompt)]
+            if chat.room_for(tokens) <= 0:
+                raise SystemExit(f"error: the prompt does not fit the model's {chat.context}-token context")
+            chat.answer(tokens, seed=args.seed)
+        else:
+            chat_loop(chat, args.seed)
+    except KeyboardInterrupt:  # Ctrl-C leaves quietly, mid-answer or at the prompt
+        print()
+    finally:
+        compute_cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,216 @@
+"""Spec for kv_cache.KVCache and GPT.forward(kv_cache=...): incremental inference reproduces the
+full forward exactly (prefill chunks, token-by-token decode, sliding windows, smear state)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from nanochat_rs.gpt import GPT, GPTConfig
+from nanochat_rs.kv_cache import KVCache
+
+# seq 256 -> short window 128, so sequences of ~200 tokens cross it
+CONFIG = dict(sequence_len=256, vocab_size=100, n_layer=4, n_head=2, n_kv_head=1, n_embd=64, window_pattern="SSSL")
+
+
+def random_model(seed: int = 0, **overrides: object) -> GPT:
+    """Every parameter random (the real init zeroes output projections and smear, hiding cache bugs)."""
+    with torch.device("meta"):
+        model = GPT(GPTConfig(**{**CONFIG, **overrides}))  # type: ignore[arg-type]
+    model.to_empty(device="cpu")
+    model.init_weights()
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            scale = param.shape[-1] ** -0.5 if param.dim() >= 2 else 0.5
+            param.copy_(torch.randn(param.shape, generator=generator) * scale)
+    return model.eval()
+
+
+def new_cache(model: GPT, batch: int, seq_len: int) -> KVCache:
+    c = model.config
+    return KVCache(batch_size=batch, num_kv_heads=c.n_kv_head, seq_len=seq_len, head_dim=c.head_dim,
+                   num_layers=c.n_layer, device="cpu", dtype=torch.float32, n_embd=c.n_embd)
+
+
+def tokens(batch: int, length: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 100, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+# ---- the cache object ---------------------------------------------------------------------------
+
+
+def test_layout_and_bookkeeping() -> None:
+    cache = KVCache(batch_size=3, num_kv_heads=2, seq_len=10, head_dim=4, num_layers=5, device="cpu",
+                    dtype=torch.float32, n_embd=8)
+    assert cache.k_cache.shape == cache.v_cache.shape == (5, 3, 10, 2, 4)
+    assert cache.cache_seqlens.dtype == torch.int32 and cache.cache_seqlens.tolist() == [0, 0, 0]
+    assert cache.get_pos() == 0 and cache.prev_embedding is None
+    k, v = cache.get_layer_cache(2)
+    assert k.shape == (3, 10, 2, 4)
+    k[0, 0, 0, 0] = 7.0  # a view, not a copy: attention writes through it
+    assert cache.k_cache[2, 0, 0, 0, 0] == 7.0
+    cache.advance(4)
+    cache.advance(3)
+    assert cache.get_pos() == 7 and cache.cache_seqlens.tolist() == [7, 7, 7]
+    with pytest.raises(ValueError, match="cannot advance"):
+        cache.advance(4)
+    cache.set_prev_embedding(torch.ones(3, 1, 8))
+    cache.reset()
+    assert cache.get_pos() == 0 and cache.cache_seqlens.tolist() == [0, 0, 0] and cache.prev_embedding is None
+    with pytest.raises(IndexError):
+        cache.get_layer_cache(5)
+
+
+def test_constructor_and_smear_state_validation() -> None:
+    with pytest.raises(ValueError, match="batch_size"):
+        KVCache(batch_size=0, num_kv_heads=1, seq_len=4, head_dim=4, num_layers=1, device="cpu")
+    cache = KVCache(batch_size=2, num_kv_heads=1, seq_len=4, head_dim=4, num_layers=1, device="cpu", n_embd=8)
+    with pytest.raises(ValueError, match="smear state"):
+        cache.set_prev_embedding(torch.ones(2, 1, 9))
+
+
+def test_prefill_replicates_a_batch_one_cache() -> None:
+    single = KVCache(batch_size=1, num_kv_heads=2, seq_len=6, head_dim=4, num_layers=3, device="cpu",
+                     dtype=torch.float32, n_embd=8)
+    single.k_cache.normal_()
+    single.v_cache.normal_()
+    single.advance(5)
+    single.set_prev_embedding(torch.randn(1, 1, 8))
+    many = KVCache(batch_size=4, num_kv_heads=2, seq_len=9, head_dim=4, num_layers=3, device="cpu",
+                   dtype=torch.float32, n_embd=8)
+    many.prefill(single)
+    assert many.get_pos() == 5 and many.cache_seqlens.tolist() == [5] * 4
+    for row in range(4):
+        assert torch.equal(many.k_cache[:, row, :5], single.k_cache[:, 0, :5])
+        assert torch.equal(many.v_cache[:, row, :5], single.v_cache[:, 0, :5])
+    assert many.prev_embedding is not None and single.prev_embedding is not None
+    assert torch.equal(many.prev_embedding, single.prev_embedding.expand(4, 1, 8))
+    with pytest.raises(ValueError, match="batch-1"):
+        single.prefill(many)
+    other_shape = KVCache(batch_size=1, num_kv_heads=1, seq_len=6, head_dim=4, num_layers=3, device="cpu")
+    with pytest.raises(ValueError, match="geometry"):
+        many.prefill(other_shape)
+    small = KVCache(batch_size=2, num_kv_heads=2, seq_len=4, head_dim=4, num_layers=3, device="cpu")
+    with pytest.raises(ValueError, match="more than"):
+        small.prefill(single)
+
+
+# ---- GPT with a cache == GPT without ----------------------------------------------------------------
+
+
+def incremental_logits(model: GPT, idx: torch.Tensor, chunks: list[int]) -> torch.Tensor:
+    """Feed idx in the given chunk sizes (then one token at a time) through one cache."""
+    cache = new_cache(model, idx.size(0), idx.size(1) + 3)
+    outputs, pos = [], 0
+    with torch.no_grad():
+        for size in chunks:
+            outputs.append(model(idx[:, pos:pos + size], kv_cache=cache))
+            pos += size
+        while pos < idx.size(1):
+            outputs.append(model(idx[:, pos:pos + 1], kv_cache=cache))
+            pos += 1
+    assert cache.get_pos() == idx.size(1)
+    return torch.cat(outputs, dim=1)
+
+
+def test_prefill_then_decode_past_the_sliding_window_equals_full_forward() -> None:
+    model = random_model()
+    assert min(model.window_sizes) == 128
+    idx = tokens(2, 200)
+    with torch.no_grad():
+        full = model(idx)
+    torch.testing.assert_close(incremental_logits(model, idx, [60, 1, 45]), full, atol=2e-5, rtol=1e-5)
+
+
+@settings(max_examples=8, deadline=None)
+@given(chunks=st.lists(st.integers(1, 40), min_size=1, max_size=4), seed=st.integers(0, 50))
+def test_any_chunking_equals_full_forward(chunks: list[int], seed: int) -> None:
+    model = random_model(seed, n_layer=2, window_pattern="SL", sequence_len=128)
+    # configs only produce windows that are multiples of 128; shrink layer 0's so that 60-token
+    # sequences cross it many times, at every chunk boundary the strategy picks
+    model.window_sizes = [7, 128]
+    idx = tokens(1, 60, seed)
+    while sum(chunks) > 60:
+        chunks.pop()
+    with torch.no_grad():
+        full = model(idx)
+    torch.testing.assert_close(incremental_logits(model, idx, chunks), full, atol=2e-5, rtol=1e-5)
+
+
+def test_smear_state_carries_the_previous_token_across_calls() -> None:
+    """Decoding token t must mix in token t-1 from the previous call: swap that token and the decoded
+    logits change exactly as the full forward's do."""
+    model = random_model(3)
+    with torch.no_grad():
+        model.smear_lambda.fill_(1.5)
+    for idx in (torch.tensor([[5, 6, 7, 8]]), torch.tensor([[5, 6, 9, 8]])):
+        with torch.no_grad():
+            full = model(idx)
+        torch.testing.assert_close(incremental_logits(model, idx, [3]), full, atol=2e-5, rtol=1e-5)
+    cache = new_cache(model, 1, 8)
+    with torch.no_grad():
+        model(torch.tensor([[5, 6, 7]]), kv_cache=cache)
+    assert cache.prev_embedding is not None
+    expected = torch.nn.functional.rms_norm(model.transformer.wte.weight[7], (64,))
+    torch.testing.assert_close(cache.prev_embedding[0, 0], expected)
+
+
+def test_replicated_prefill_decodes_like_separate_runs() -> None:
+    model = random_model(4)
+    prompt = tokens(1, 30, 1)
+    continuations = tokens(3, 5, 2)
+    single = new_cache(model, 1, 40)
+    many = new_cache(model, 3, 40)
+    with torch.no_grad():
+        model(prompt, kv_cache=single)
+        many.prefill(single)
+        decoded = torch.cat([model(continuations[:, i:i + 1], kv_cache=many) for i in range(5)], dim=1)
+        for row in range(3):
+            full = model(torch.cat((prompt, continuations[row:row + 1]), dim=1))
+            torch.testing.assert_close(decoded[row], full[0, 30:], atol=2e-5, rtol=1e-5)
+
+
+def test_cache_errors_are_clear() -> None:
+    model = random_model()
+    with pytest.raises(ValueError, match="do not fit the KV cache"):
+        model(tokens(1, 9), kv_cache=new_cache(model, 1, 8))
+    with pytest.raises(ValueError, match="does not fit"):
+        model(tokens(2, 3), kv_cache=new_cache(model, 1, 8))
+    with pytest.raises(TypeError, match="KVCache"):
+        model(tokens(1, 3), kv_cache="cache")  # type: ignore[arg-type]
+    cache = new_cache(model, 1, 8)
+    cache.advance(2)  # positions claimed without going through the model: no smear state
+    with pytest.raises(ValueError, match="smear state"):
+        model(tokens(1, 1), kv_cache=cache)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_cache_and_windowed_training_in_the_compute_dtype() -> None:
+    """On CUDA the model runs in COMPUTE_DTYPE (bf16 on SM >= 8) through FA3 or FlexAttention: the
+    windowed training forward/backward is finite and the cached decode tracks the full forward."""
+    with torch.device("meta"):
+        model = GPT(GPTConfig(**CONFIG))  # type: ignore[arg-type]
+    model.to_empty(device="cuda")
+    model.init_weights()
+    with torch.no_grad():
+        for block in model.transformer.h:  # non-zero output projections, so attention matters
+            block.attn.c_proj.weight.normal_(0, 0.05)
+            block.mlp.c_proj.weight.normal_(0, 0.02)
+        model.smear_lambda.fill_(0.5)
+    idx = tokens(2, 200).cuda()
+    loss = model(idx, targets=idx)
+    loss.backward()
+    assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    c = model.config
+    cache = KVCache(batch_size=2, num_kv_heads=c.n_kv_head, seq_len=200, head_dim=c.head_dim,
+                    num_layers=c.n_layer, device="cuda", n_embd=c.n_embd)
+    with torch.no_grad():
+        full = model(idx)
+        pieces = [model(idx[:, :150], kv_cache=cache)]
+        pieces += [model(idx[:, t:t + 1], kv_cache=cache) for t in range(150, 200)]
+    incremental = torch.cat(pieces, dim=1)
+    similarity = F.cosine_similarity(incremental.flatten(1), full.flatten(1), dim=1)
+    assert (similarity > 0.99).all(), similarity

@@ -1,0 +1,249 @@
+"""The tokenizer, specified against two oracles: rustbpe (training) and tiktoken (encoding)."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pytest
+import rustbpe
+import tiktoken
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from nanochat_rs.tokenizer import DEFAULT_PATTERN, SPECIAL_TOKENS, Tokenizer
+
+N_SPECIAL = len(SPECIAL_TOKENS)
+
+# Text that exercises every branch of the split pattern: contractions (incl. the case-folded 'ſ'),
+# letters with a leading space or punctuation, 1-2 digit number runs, punctuation runs followed by
+# newlines, whitespace runs of all kinds (incl. Unicode spaces), emoji and other scripts.
+FRAGMENTS = ["'s", "'S", "'ll", "'VE", "'re", "'ſ", "'d", "'t", "'m", " the", " cat", "hello", "HTML", "über",
+             "Straße", "ñandú", "中文", "日本語", "١٢٣", "½", "2024", "7", "42", "3.14", " ,", "!!", "...\n",
+             " (x)", "\n", "\r\n", "\n\n", "  ", "   ", "\t", "\u00a0", "\u2003", "\u0085", "🎉", "👍🏽",
+             "😀😀", " ", "a", "-", "_", "'", '"']
+texts_strategy = st.lists(st.one_of(st.sampled_from(FRAGMENTS), st.text(max_size=8)), max_size=40).map("".join)
+corpus_strategy = st.lists(texts_strategy, min_size=1, max_size=12)
+
+
+def rustbpe_ranks(docs: list[str], vocab_size: int, pattern: str) -> dict[bytes, int]:
+    oracle = rustbpe.Tokenizer()
+    oracle.train_from_iterator(iter(docs), vocab_size - N_SPECIAL, pattern=pattern)
+    return {bytes(token): rank for token, rank in oracle.get_mergeable_ranks()}
+
+
+@pytest.fixture(scope="module")
+def trained() -> Tokenizer:
+    docs = [
+        "The quick brown fox jumps over the lazy dog. It's 2024, and we'll see 12345 numbers!\n",
+        "Unicode: ñandú über Straße 中文 🎉🎉 — and   spaces\t\ttabs\r\n",
+        "def f(x):\n    return x ** 2  # they're squares\n\n\n",
+    ] * 30
+    return Tokenizer.train(docs, vocab_size=256 + N_SPECIAL + 300)
+
+
+# ---- training: identical merges to rustbpe --------------------------------------------------------
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(docs=corpus_strategy, num_merges=st.integers(0, 60))
+def test_training_gives_exactly_rustbpes_merges(docs: list[str], num_merges: int) -> None:
+    vocab_size = 256 + N_SPECIAL + num_merges
+    if not any(docs):
+        with pytest.raises(ValueError, match="empty corpus"):
+            Tokenizer.train(docs, vocab_size)
+        return
+    ours = Tokenizer.train(docs, vocab_size)
+    assert ours.mergeable_ranks() == rustbpe_ranks(docs, vocab_size, DEFAULT_PATTERN)
+
+
+def test_training_on_real_sized_text_matches_rustbpe() -> None:
+    words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "theta", "iota", "kappa", "lambda"]
+    docs = [" ".join(words[(i * j) % len(words)] for j in range(50)) + f" {i}\n" for i in range(400)]
+    ours = Tokenizer.train(docs, 256 + N_SPECIAL + 200)
+    assert ours.mergeable_ranks() == rustbpe_ranks(docs, 256 + N_SPECIAL + 200, DEFAULT_PATTERN)
+
+
+def test_custom_pattern_matches_rustbpe() -> None:
+    pattern = r"\p{L}+|\p{N}+|[^\p{L}\p{N}]+"
+    docs = ["abc abc 123 123 abd!!"] * 5 + ["hello world"] * 3
+    ours = Tokenizer.train(docs, 256 + N_SPECIAL + 15, pattern=pattern)
+    assert ours.pattern == pattern
+    assert ours.mergeable_ranks() == rustbpe_ranks(docs, 256 + N_SPECIAL + 15, pattern)
+
+
+def test_arrow_input_trains_like_python_strings() -> None:
+    docs = ["one two three", "two three four", None, "three four five 55"] * 10
+    from_list = Tokenizer.train([d or "" for d in docs], 256 + N_SPECIAL + 25)
+    chunked = pa.chunked_array([pa.array(docs[:17]), pa.array(docs[17:])])
+    assert Tokenizer.train(chunked, 256 + N_SPECIAL + 25).mergeable_ranks() == from_list.mergeable_ranks()
+    per_batch = [pa.array(docs[:17], type=pa.large_string()), pa.array(docs[17:], type=pa.string_view())]
+    assert Tokenizer.train(per_batch, 256 + N_SPECIAL + 25).mergeable_ranks() == from_list.mergeable_ranks()
+    sliced = pa.array(["zz", *docs[:-1]]).slice(1)  # a non-zero array offset
+    mixed = [sliced, docs[-1]]
+    assert Tokenizer.train(mixed, 256 + N_SPECIAL + 25).mergeable_ranks() == from_list.mergeable_ranks()
+
+
+def test_doc_cap_and_max_chars_limit_what_is_read() -> None:
+    capped = Tokenizer.train(["abcabc" + "xyxyxy" * 50], 256 + N_SPECIAL + 2, doc_cap=6)
+    assert b"ab" in capped.mergeable_ranks()
+    assert b"xy" not in capped.mergeable_ranks()
+    limited = Tokenizer.train(["aaaa"] * 3 + ["zzzz"] * 100, 256 + N_SPECIAL + 1, max_chars=8)
+    assert b"aa" in limited.mergeable_ranks() and b"zz" not in limited.mergeable_ranks()
+
+
+def test_progress_is_reported() -> None:
+    seen: list[tuple[str, int, int]] = []
+    Tokenizer.train(["hello world"] * 10, 256 + N_SPECIAL + 5, progress=lambda *a: seen.append(a))
+    assert ("merge", 5, 5) in seen
+    assert any(phase == "count" for phase, _, _ in seen)
+
+
+# ---- encoding: bit-identical to tiktoken -----------------------------------------------------------
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=texts_strategy)
+def test_encoding_is_identical_to_tiktoken(trained: Tokenizer, text: str) -> None:
+    assert trained.encode(text) == trained.to_tiktoken().encode_ordinary(text)
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=st.text(max_size=200))
+def test_encoding_arbitrary_unicode_is_identical_to_tiktoken(trained: Tokenizer, text: str) -> None:
+    assert trained.encode(text) == trained.to_tiktoken().encode_ordinary(text)
+
+
+@settings(max_examples=200, deadline=None)
+@given(text=st.one_of(texts_strategy, st.text(max_size=200)))
+def test_decode_inverts_encode(trained: Tokenizer, text: str) -> None:
+    assert trained.decode(trained.encode(text)) == text
+
+
+def test_batch_flat_and_arrow_encodings_agree(trained: Tokenizer) -> None:
+    texts = ["The quick brown fox", "", "über 🎉 12345", "it's  \n\n  done"] * 5
+    bos = trained.bos_token_id
+    batch = trained.encode(texts, prepend="<|bos|>", num_threads=2)
+    assert batch == [[bos, *trained.encode(t)] for t in texts]
+    tokens, offsets = trained.encode_flat(texts, prepend=bos)
+    assert tokens.dtype.name == "uint32" and offsets.dtype.name == "int64"
+    assert [tokens[offsets[i]:offsets[i + 1]].tolist() for i in range(len(texts))] == batch
+    chunked = pa.chunked_array([pa.array(texts[:7]), pa.array(texts[7:])])
+    a_tokens, a_offsets = trained.encode_arrow(chunked, prepend="<|bos|>")
+    assert a_tokens.tolist() == tokens.tolist() and a_offsets.tolist() == offsets.tolist()
+
+
+def test_prepend_append_and_specials(trained: Tokenizer) -> None:
+    specials = trained.special_tokens()
+    assert list(specials) == list(SPECIAL_TOKENS)
+    assert sorted(specials.values()) == list(range(trained.vocab_size - N_SPECIAL, trained.vocab_size))
+    ids = trained.encode("hi", prepend="<|bos|>", append=trained.encode_special("<|assistant_end|>"))
+    assert ids[0] == trained.bos_token_id and ids[-1] == specials["<|assistant_end|>"]
+    assert trained.decode([trained.bos_token_id]) == "<|bos|>"
+
+
+def test_token_bytes_come_from_raw_rank_bytes(trained: Tokenizer) -> None:
+    lengths = trained.token_bytes()
+    ranks = trained.mergeable_ranks()
+    assert len(lengths) == trained.vocab_size
+    assert all(lengths[rank] == len(token) for token, rank in ranks.items())
+    assert lengths[-N_SPECIAL:] == [0] * N_SPECIAL
+    # A merge that is not valid UTF-8 on its own still has its true byte length.
+    assert any(lengths[rank] > 0 and not _is_utf8(token) for token, rank in ranks.items())
+
+
+def _is_utf8(b: bytes) -> bool:
+    try:
+        b.decode("utf-8")
+        return True
+    except UnicodeDecodeError:
+        return False
+
+
+def test_tiktoken_export_has_specials_after_merges(trained: Tokenizer) -> None:
+    enc = trained.to_tiktoken()
+    assert isinstance(enc, tiktoken.Encoding)
+    assert enc.n_vocab == trained.vocab_size
+    text = "<|bos|>hello"
+    assert enc.encode(text, allowed_special="all")[0] == trained.bos_token_id
+
+
+# ---- persistence ---------------------------------------------------------------------------------
+
+
+def test_save_load_round_trip(trained: Tokenizer, tmp_path) -> None:
+    trained.save(tmp_path / "tok")
+    loaded = Tokenizer.load(tmp_path / "tok")
+    assert loaded.mergeable_ranks() == trained.mergeable_ranks()
+    assert loaded.pattern == trained.pattern and loaded.vocab_size == trained.vocab_size
+    text = "über 🎉 it's 12345 numbers\n\n  end"
+    assert loaded.encode(text) == trained.encode(text)
+    # The ranks file is standard tiktoken format.
+    from tiktoken.load import load_tiktoken_bpe
+
+    assert load_tiktoken_bpe(str(tmp_path / "tok" / "ranks.tiktoken")) == trained.mergeable_ranks()
+
+
+def test_load_errors_are_clear(tmp_path, trained: Tokenizer) -> None:
+    with pytest.raises(FileNotFoundError, match="no tokenizer"):
+        Tokenizer.load(tmp_path / "missing")
+    trained.save(tmp_path / "tok")
+    (tmp_path / "tok" / "ranks.tiktoken").write_text("not base64 at all!\n")
+    with pytest.raises(ValueError, match="corrupt line 1"):
+        Tokenizer.load(tmp_path / "tok")
+    (tmp_path / "tok" / "tokenizer.json").write_text("{")
+    with pytest.raises(ValueError, match="corrupt tokenizer metadata"):
+        Tokenizer.load(tmp_path / "tok")
+
+
+# ---- bad input: clear Python exceptions, never a panic ---------------------------------------------
+
+
+def test_vocab_size_too_small() -> None:
+    with pytest.raises(ValueError, match="at least 265"):
+        Tokenizer.train(["abc"], 264)
+    with pytest.raises(TypeError, match="vocab_size must be an int"):
+        Tokenizer.train(["abc"], "300")  # type: ignore[arg-type]
+
+
+def test_non_str_items() -> None:
+    with pytest.raises(TypeError, match=r"texts\[1\] must be str, got int"):
+        Tokenizer.train(["ok", 3, "ok"], 300)
+    with pytest.raises(TypeError, match="not a single str"):
+        Tokenizer.train("just one string", 300)
+    with pytest.raises(TypeError, match="must hold strings"):
+        Tokenizer.train(pa.array([1, 2, 3]), 300)
+
+
+def test_empty_corpus() -> None:
+    with pytest.raises(ValueError, match="empty corpus"):
+        Tokenizer.train([], 300)
+    with pytest.raises(ValueError, match="empty corpus"):
+        Tokenizer.train(["", ""], 300)
+
+
+def test_invalid_pattern() -> None:
+    with pytest.raises(ValueError, match="invalid split pattern"):
+        Tokenizer.train(["abc"], 300, pattern="(unclosed")
+
+
+def test_unknown_special_token(trained: Tokenizer) -> None:
+    with pytest.raises(ValueError, match="unknown special token '<|nope|>'"):
+        trained.encode_special("<|nope|>")
+    with pytest.raises(ValueError, match="prepend must be"):
+        trained.encode("x", prepend=10**9)
+
+
+def test_out_of_range_ids_in_decode(trained: Tokenizer) -> None:
+    with pytest.raises(ValueError, match=f"token id {trained.vocab_size} is not in the vocabulary"):
+        trained.decode([1, trained.vocab_size])
+    with pytest.raises(ValueError, match="token id -1 is not in the vocabulary"):
+        trained.decode([-1])
+    with pytest.raises(TypeError, match="iterable of int"):
+        trained.decode(["a"])  # type: ignore[list-item]
+
+
+def test_bad_encode_arguments(trained: Tokenizer) -> None:
+    with pytest.raises(TypeError, match="str or a list of str"):
+        trained.encode(42)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"texts\[0\] must be str"):
+        trained.encode([b"bytes"])  # type: ignore[list-item]
+    with pytest.raises(ValueError, match="num_threads"):
+        trained.encode(["a"], num_threads=0)
