@@ -91,10 +91,7 @@ def random_prompt(vocab_size: int, bos: int, length: int) -> list[int]:
 
 
 def time_prefill(model: GPT, prompt: list[int], device: torch.device) -> float:
-    config = model.config
-    cache = KVCache(batch_size=1, num_kv_heads=config.n_kv_head, seq_len=len(prompt),
-                    head_dim=config.n_embd // config.n_head, num_layers=config.n_layer, device=device,
-                    n_embd=config.n_embd)
+    cache = KVCache.for_model(model.config, 1, len(prompt), device)
     ids = torch.tensor([prompt], dtype=torch.long, device=device)
     sync(device)
     start = time.perf_counter()

@@ -98,9 +98,10 @@ def test_gradients_flow_through_the_windowed_fallback() -> None:
 
 @SETTINGS
 @given(batch=st.integers(1, 2), pos=st.integers(0, 24), t=st.integers(1, 8), spare=st.integers(0, 3),
-       hd=heads(), left=st.integers(-1, 12), seed=st.integers(0, 99))
+       hd=heads(), left=st.integers(-1, 12), seed=st.integers(0, 99), hint=st.booleans())
 def test_chunk_at_any_cache_position_matches_reference(batch: int, pos: int, t: int, spare: int,
-                                                       hd: tuple[int, int, int], left: int, seed: int) -> None:
+                                                       hd: tuple[int, int, int], left: int, seed: int,
+                                                       hint: bool) -> None:
     h, h_kv, d = hd
     capacity = pos + t + spare
     # garbage everywhere, including past the valid prefix: it must be neither read nor kept
@@ -110,8 +111,9 @@ def test_chunk_at_any_cache_position_matches_reference(batch: int, pos: int, t: 
     k_new, v_new = randn(batch, t, h_kv, d, seed=seed + 3), randn(batch, t, h_kv, d, seed=seed + 4)
     seqlens = torch.full((batch,), pos, dtype=torch.int32)
 
+    # with the host-side hint the lengths are not read back from cache_seqlens; the result is the same
     out = flash_attn_with_kvcache(q, k_cache, v_cache, k=k_new, v=v_new, cache_seqlens=seqlens,
-                                  causal=True, window_size=(left, 0))
+                                  causal=True, window_size=(left, 0), uniform_seqlen=pos if hint else None)
 
     full_k = torch.cat((before_k[:, :pos], k_new), dim=1)
     full_v = torch.cat((before_v[:, :pos], v_new), dim=1)

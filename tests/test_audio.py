@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from model_helpers import random_gpt
 from nanochat_rs.audio import Projector, stack_frames
 from nanochat_rs.gpt import GPT, GPTConfig
 from nanochat_rs.kv_cache import KVCache
@@ -19,16 +20,7 @@ T_AUDIO, T_TEXT = 5, 12
 
 
 def random_model(seed: int = 0) -> GPT:
-    with torch.device("meta"):
-        model = GPT(CONFIG)
-    model.to_empty(device="cpu")
-    model.init_weights()
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in model.parameters():
-            scale = param.shape[-1] ** -0.5 if param.dim() >= 2 else 0.5
-            param.copy_(torch.randn(param.shape, generator=generator) * scale)
-    return model
+    return random_gpt(CONFIG, seed)
 
 
 def inputs(batch: int = 2, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -103,7 +95,9 @@ def test_audio_rows_take_positions_before_the_text() -> None:
     with torch.no_grad():
         as_audio = model(idx, audio_features=audio)
         as_text = model(torch.cat((prefix, idx), dim=1))
-    torch.testing.assert_close(as_audio, as_text, atol=1e-5, rtol=1e-5)
+    # norm(3.7 * e) and norm(e) differ in the last fp32 bits (rms_norm's eps), which three layers
+    # grow to ~2e-5; a wrong position or a missed norm would differ by O(0.1)
+    torch.testing.assert_close(as_audio, as_text, atol=1e-4, rtol=1e-4)
 
 
 def test_value_embeddings_look_up_id_zero_at_audio_positions() -> None:

@@ -3,7 +3,6 @@ reproducibly, stop rows correctly and force calculator output into the stream.""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -11,6 +10,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from model_helpers import random_gpt
 from nanochat_rs import engine as engine_module
 from nanochat_rs import kv_cache
 from nanochat_rs.engine import Engine, KVCache, sample_next_token
@@ -28,23 +28,15 @@ def tok() -> Tokenizer:
 
 def make_model(tok: Tokenizer, *, sequence_len: int = 64, window_pattern: str = "L", n_layer: int = 2,
                n_head: int = 2, n_kv_head: int = 2, n_embd: int = 64, seed: int = 0) -> GPT:
-    """A tiny GPT whose every matrix is random (the real init zeroes output projections, which would
-    hide attention/cache bugs) and which never prefers a stop token, so runs reach their full length."""
+    """A tiny fully random GPT (see model_helpers.randomise) which never prefers a stop token, so runs
+    reach their full length."""
     config = GPTConfig(sequence_len=sequence_len, vocab_size=tok.vocab_size, n_layer=n_layer, n_head=n_head,
                        n_kv_head=n_kv_head, n_embd=n_embd, window_pattern=window_pattern)
-    with torch.device("meta"):
-        model = GPT(config)
-    model.to_empty(device="cpu")
-    model.init_weights()
-    generator = torch.Generator().manual_seed(seed)
+    model = random_gpt(config, seed)
     with torch.no_grad():
-        for param in model.parameters():
-            if param.dim() >= 2:
-                fan_in = param.shape[-1]
-                param.copy_(torch.randn(param.shape, generator=generator) / math.sqrt(fan_in))
         for name in ("<|assistant_end|>", "<|bos|>"):
             model.lm_head.weight[tok.encode_special(name)] = 0.0  # logit exactly 0: never the argmax
-    return model.eval()
+    return model
 
 
 def random_prompt(tok: Tokenizer, length: int, seed: int = 0) -> list[int]:

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from model_helpers import build_gpt, randomise
 from nanochat_rs.common import COMPUTE_DTYPE
 from nanochat_rs.gpt import GPT, GPTConfig, Linear, compute_window_sizes, config_for_depth, padded_vocab_size
 from nanochat_rs.optim import MuonAdamW
@@ -18,21 +19,7 @@ TINY = dict(sequence_len=64, vocab_size=100, n_layer=4, n_head=2, n_kv_head=1, n
 
 
 def build(**overrides: object) -> GPT:
-    """The production recipe: on meta, materialise, init."""
-    with torch.device("meta"):
-        model = GPT(GPTConfig(**{**TINY, **overrides}))  # type: ignore[arg-type]
-    model.to_empty(device="cpu")
-    model.init_weights()
-    return model
-
-
-def randomise(model: GPT, seed: int = 0) -> GPT:
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in model.parameters():
-            scale = param.shape[-1] ** -0.5 if param.dim() >= 2 else 0.5
-            param.copy_(torch.randn(param.shape, generator=generator) * scale)
-    return model
+    return build_gpt(GPTConfig(**{**TINY, **overrides}))  # type: ignore[arg-type]
 
 
 def token_batch(batch: int, length: int, seed: int = 0, vocab: int = 100) -> torch.Tensor:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 
 import torch
+from model_helpers import random_gpt
 from nanochat_rs.gpt import GPT, GPTConfig
 
 CONFIG = GPTConfig(sequence_len=256, vocab_size=100, n_layer=4, n_head=2, n_kv_head=1, n_embd=64,
@@ -17,16 +18,7 @@ CONFIG = GPTConfig(sequence_len=256, vocab_size=100, n_layer=4, n_head=2, n_kv_h
 
 
 def random_model(config: GPTConfig = CONFIG, seed: int = 0) -> GPT:
-    with torch.device("meta"):
-        model = GPT(config)
-    model.to_empty(device="cpu")
-    model.init_weights()
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in model.parameters():
-            scale = param.shape[-1] ** -0.5 if param.dim() >= 2 else 0.5
-            param.copy_(torch.randn(param.shape, generator=generator) * scale)
-    return model.eval()
+    return random_gpt(config, seed)
 
 
 def rms(x: torch.Tensor) -> torch.Tensor:

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from model_helpers import random_gpt
 from nanochat_rs.gpt import GPT, GPTConfig
 from nanochat_rs.kv_cache import KVCache
 
@@ -16,17 +17,7 @@ CONFIG = dict(sequence_len=256, vocab_size=100, n_layer=4, n_head=2, n_kv_head=1
 
 
 def random_model(seed: int = 0, **overrides: object) -> GPT:
-    """Every parameter random (the real init zeroes output projections and smear, hiding cache bugs)."""
-    with torch.device("meta"):
-        model = GPT(GPTConfig(**{**CONFIG, **overrides}))  # type: ignore[arg-type]
-    model.to_empty(device="cpu")
-    model.init_weights()
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in model.parameters():
-            scale = param.shape[-1] ** -0.5 if param.dim() >= 2 else 0.5
-            param.copy_(torch.randn(param.shape, generator=generator) * scale)
-    return model.eval()
+    return random_gpt(GPTConfig(**{**CONFIG, **overrides}), seed)  # type: ignore[arg-type]
 
 
 def new_cache(model: GPT, batch: int, seq_len: int) -> KVCache:

@@ -186,12 +186,17 @@ def flash_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
 def flash_attn_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                             k: torch.Tensor | None = None, v: torch.Tensor | None = None,
                             cache_seqlens: torch.Tensor | None = None, causal: bool = True,
-                            window_size: tuple[int, int] = (-1, -1)) -> torch.Tensor:
+                            window_size: tuple[int, int] = (-1, -1), *,
+                            uniform_seqlen: int | None = None) -> torch.Tensor:
     """Attention of a chunk of queries against a KV cache, FA3-style.
 
     If k/v are given they are written into the caches in place at each row's `cache_seqlens`
     position (the caches are (B, S, H_kv, D)); `cache_seqlens` itself is not advanced, that is the
     caller's job. Queries are the last Tq positions of the valid prefix (bottom-right aligned).
+
+    `uniform_seqlen` (not in FA3's API) is a promise that every row's `cache_seqlens` equals it: the
+    PyTorch path then slices with it directly instead of reading `cache_seqlens` back from the device,
+    which on CUDA would be a host sync in every layer of every decode step.
     """
     _check_qkv(q, k_cache, v_cache, "cache ")
     if (k is None) != (v is None):
@@ -210,16 +215,21 @@ def flash_attn_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         out = _FA3.flash_attn_with_kvcache(q, k_cache, v_cache, k=k, v=v, cache_seqlens=cache_seqlens,
                                            causal=causal, window_size=(left, right))
         return out[0] if isinstance(out, tuple) else out
-    return _torch_attn_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, left, right)
+    return _torch_attn_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, left, right, uniform_seqlen)
 
 
 def _torch_attn_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                              k: torch.Tensor | None, v: torch.Tensor | None, cache_seqlens: torch.Tensor | None,
-                             left: int, right: int) -> torch.Tensor:
+                             left: int, right: int, uniform_seqlen: int | None) -> torch.Tensor:
     batch, capacity = k_cache.size(0), k_cache.size(1)
     t_new = 0 if k is None else k.size(1)
-    # one host sync per call: the slicing below needs the lengths as Python ints
-    lengths = [capacity] * batch if cache_seqlens is None else [int(n) for n in cache_seqlens.tolist()]
+    if cache_seqlens is None:
+        lengths = [capacity] * batch
+    elif uniform_seqlen is not None:
+        lengths = [uniform_seqlen] * batch
+    else:
+        # one host sync per call: the slicing below needs the lengths as Python ints
+        lengths = [int(n) for n in cache_seqlens.tolist()]
     if min(lengths) < 0 or max(lengths) + t_new > capacity:
         raise ValueError(f"KV cache overflow: cache_seqlens {lengths} + {t_new} new positions exceeds "
                          f"the cache length {capacity}")

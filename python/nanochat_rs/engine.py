@@ -28,24 +28,13 @@ import torch
 
 from nanochat_rs.calculator import evaluate, format_result
 from nanochat_rs.kv_cache import KVCache
+from nanochat_rs.sampling import check_prompt, check_sampling_args, sample_next_token
 
 if TYPE_CHECKING:
     from nanochat_rs.gpt import GPT
     from nanochat_rs.tokenizer import Tokenizer
 
 __all__ = ["Engine", "KVCache", "sample_next_token"]
-
-
-def sample_next_token(logits: torch.Tensor, generator: torch.Generator, temperature: float = 1.0,
-                      top_k: int | None = None) -> torch.Tensor:
-    """One token id per row of `logits` (B, V) -> LongTensor (B,). Temperature 0 means argmax."""
-    if temperature == 0.0:
-        return logits.argmax(dim=-1)
-    if top_k is not None and top_k < logits.size(-1):
-        kth_best = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth_best, float("-inf"))
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
 
 
 @dataclass
@@ -96,8 +85,10 @@ class Engine:
         Ends when every row has stopped, after `max_tokens` steps, or when the cache is full
         (`max_tokens=None` allows up to the model's sequence_len positions in total).
         """
-        prompt = self._check_prompt(tokens)
-        _check_sampling(num_samples, max_tokens, temperature, top_k, seed)
+        prompt = check_prompt(tokens, self.model.config.vocab_size)
+        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+            raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
+        check_sampling_args(max_tokens, temperature, top_k, seed, max_tokens_optional=True)
         cache_len = self._cache_length(len(prompt), max_tokens)
         return self._generate(prompt, num_samples, max_tokens, float(temperature), top_k, seed, cache_len)
 
@@ -150,20 +141,14 @@ class Engine:
     def _prefill(self, prompt: list[int], num_samples: int, cache_len: int,
                  device: torch.device) -> tuple[KVCache, torch.Tensor]:
         """Run the prompt once at batch 1 and return the cache to decode with plus next-token logits."""
-        single = self._new_cache(1, cache_len, device)
+        single = KVCache.for_model(self.model.config, 1, cache_len, device)
         ids = torch.tensor([prompt], dtype=torch.long, device=device)
         logits = self.model(ids, kv_cache=single)[:, -1, :]
         if num_samples == 1:
             return single, logits
-        cache = self._new_cache(num_samples, cache_len, device)
+        cache = KVCache.for_model(self.model.config, num_samples, cache_len, device)
         cache.prefill(single)
         return cache, logits.expand(num_samples, -1)
-
-    def _new_cache(self, batch_size: int, seq_len: int, device: torch.device) -> KVCache:
-        config = self.model.config
-        return KVCache(batch_size=batch_size, num_kv_heads=config.n_kv_head, seq_len=seq_len,
-                       head_dim=config.n_embd // config.n_head, num_layers=config.n_layer, device=device,
-                       n_embd=config.n_embd)
 
     def _advance_rows(self, rows: list[_RowState], sampled: list[int]) -> tuple[list[int], list[int]]:
         """Choose each row's token for this step (stop repeat > forced tool output > sample) and
@@ -205,18 +190,6 @@ class Engine:
 
     # ---- validation -----------------------------------------------------------------------------
 
-    def _check_prompt(self, tokens: Sequence[int]) -> list[int]:
-        if isinstance(tokens, str | bytes) or not isinstance(tokens, Sequence):
-            raise TypeError(f"tokens must be a list of token ids, got {type(tokens).__name__}")
-        prompt = list(tokens)
-        if not prompt:
-            raise ValueError("tokens is empty: generation needs at least one prompt token (e.g. BOS)")
-        vocab_size = self.model.config.vocab_size
-        for i, token in enumerate(prompt):
-            if isinstance(token, bool) or not isinstance(token, int) or not 0 <= token < vocab_size:
-                raise ValueError(f"tokens[{i}] = {token!r} is not a token id in [0, {vocab_size})")
-        return prompt
-
     def _cache_length(self, prompt_len: int, max_tokens: int | None) -> int:
         """Positions to allocate: what `max_tokens` steps need (at most the rotary table, which the
         model over-allocates beyond sequence_len), else the model's trained context."""
@@ -228,23 +201,6 @@ class Engine:
             raise ValueError(f"the prompt has {prompt_len} tokens, which fills {what} of {limit} positions: "
                              "shorten it" + (" or pass max_tokens explicitly" if max_tokens is None else ""))
         return limit if max_tokens is None else min(prompt_len + max_tokens, limit)
-
-
-def _check_sampling(num_samples: int, max_tokens: int | None, temperature: float, top_k: int | None,
-                    seed: int) -> None:
-    def is_int(x: object) -> bool:
-        return isinstance(x, int) and not isinstance(x, bool)
-
-    if not is_int(num_samples) or num_samples < 1:
-        raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
-    if max_tokens is not None and (not is_int(max_tokens) or max_tokens < 0):
-        raise ValueError(f"max_tokens must be a non-negative int or None, got {max_tokens!r}")
-    if isinstance(temperature, bool) or not isinstance(temperature, int | float) or not temperature >= 0:
-        raise ValueError(f"temperature must be a number >= 0, got {temperature!r}")
-    if top_k is not None and (not is_int(top_k) or top_k < 1):
-        raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
-    if not is_int(seed):
-        raise ValueError(f"seed must be an int, got {seed!r}")
 
 
 # ---- self-check: python -m nanochat_rs.engine --checkpoint DIR ----------------------------------

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from nanochat_rs.attention import flash_attn_func, flash_attn_with_kvcache
 from nanochat_rs.common import COMPUTE_DTYPE
 from nanochat_rs.kv_cache import KVCache
+from nanochat_rs.sampling import check_prompt, check_sampling_args, sample_next_token
 
 if TYPE_CHECKING:
     from nanochat_rs.optim import MuonAdamW
@@ -174,8 +175,9 @@ class CausalSelfAttention(nn.Module):
             y = flash_attn_func(q, k, v, causal=True, window_size=(window, 0))
         else:
             k_cache, v_cache = kv_cache.get_layer_cache(self.layer_idx)
+            # every row of our cache sits at the same position, known on the host: no device sync
             y = flash_attn_with_kvcache(q, k_cache, v_cache, k=k, v=v, cache_seqlens=kv_cache.cache_seqlens,
-                                        causal=True, window_size=(window, 0))
+                                        causal=True, window_size=(window, 0), uniform_seqlen=kv_cache.get_pos())
         return self.c_proj(y.reshape(B, T, -1))
 
 
@@ -477,32 +479,12 @@ class GPT(nn.Module):
         Yields one token id at a time; temperature 0 is greedy argmax. Validation happens on the call,
         not on the first next().
         """
-        self._check_generate_args(tokens, max_tokens, temperature, top_k, seed)
-        return self._generate(list(tokens), max_tokens, float(temperature), top_k, seed)
-
-    def _check_generate_args(self, tokens: Any, max_tokens: Any, temperature: Any, top_k: Any, seed: Any) -> None:
-        def is_int(value: Any) -> bool:
-            return isinstance(value, int) and not isinstance(value, bool)
-
-        if isinstance(tokens, str | bytes) or not isinstance(tokens, list | tuple):
-            raise TypeError(f"tokens must be a list of token ids, got {type(tokens).__name__}")
-        if not tokens:
-            raise ValueError("tokens is empty: generation needs at least one prompt token (e.g. BOS)")
-        vocab_size = self.config.vocab_size
-        for i, token in enumerate(tokens):
-            if not is_int(token) or not 0 <= token < vocab_size:
-                raise ValueError(f"tokens[{i}] = {token!r} is not a token id in [0, {vocab_size})")
-        if not is_int(max_tokens) or max_tokens < 0:
-            raise ValueError(f"max_tokens must be a non-negative int, got {max_tokens!r}")
-        if isinstance(temperature, bool) or not isinstance(temperature, int | float) or not temperature >= 0:
-            raise ValueError(f"temperature must be a number >= 0, got {temperature!r}")
-        if top_k is not None and (not is_int(top_k) or top_k < 1):
-            raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
-        if not is_int(seed):
-            raise ValueError(f"seed must be an int, got {seed!r}")
-        if len(tokens) + max_tokens > self.cos.size(1) + 1:
-            raise ValueError(f"{len(tokens)} prompt + {max_tokens} new tokens exceed the rotary table of "
+        prompt = check_prompt(tokens, self.config.vocab_size)
+        check_sampling_args(max_tokens, temperature, top_k, seed)
+        if len(prompt) + max_tokens > self.cos.size(1) + 1:
+            raise ValueError(f"{len(prompt)} prompt + {max_tokens} new tokens exceed the rotary table of "
                              f"{self.cos.size(1)} positions")
+        return self._generate(prompt, max_tokens, float(temperature), top_k, seed)
 
     def _generate(self, tokens: list[int], max_tokens: int, temperature: float, top_k: int | None,
                   seed: int) -> Iterator[int]:
@@ -514,13 +496,6 @@ class GPT(nn.Module):
             # inference_mode around the tensor work only: never held across a yield
             with torch.inference_mode():
                 logits = self.forward(ids)[:, -1, :]
-                if temperature == 0.0:
-                    next_id = logits.argmax(dim=-1, keepdim=True)
-                else:
-                    if top_k is not None and top_k < logits.size(-1):
-                        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-                        logits = logits.masked_fill(logits < kth, float("-inf"))
-                    probs = torch.softmax(logits / temperature, dim=-1)
-                    next_id = torch.multinomial(probs, num_samples=1, generator=generator)
+                next_id = sample_next_token(logits, generator, temperature, top_k).unsqueeze(1)
             ids = torch.cat((ids, next_id), dim=1)
             yield int(next_id.item())

@@ -8,9 +8,14 @@ engine, so one Python-side position mirrors `cache_seqlens` and no device sync i
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from nanochat_rs.common import COMPUTE_DTYPE
+
+if TYPE_CHECKING:
+    from nanochat_rs.gpt import GPTConfig
 
 __all__ = ["KVCache"]
 
@@ -42,6 +47,13 @@ class KVCache:
         # is what tells the model that the next token is position 0 and gets no smear
         self.prev_embedding: torch.Tensor | None = None
         self._pos = 0
+
+    @classmethod
+    def for_model(cls, config: GPTConfig, batch_size: int, seq_len: int, device: torch.device | str,
+                  dtype: torch.dtype = COMPUTE_DTYPE) -> KVCache:
+        """A cache shaped for a GPT with this config."""
+        return cls(batch_size=batch_size, num_kv_heads=config.n_kv_head, seq_len=seq_len, head_dim=config.head_dim,
+                   num_layers=config.n_layer, device=device, dtype=dtype, n_embd=config.n_embd)
 
     def get_pos(self) -> int:
         return self._pos
