@@ -17,8 +17,6 @@ import hashlib
 import json
 import os
 import re
-import tempfile
-from collections.abc import Callable
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from nanochat_rs.common import get_dist_info, is_ddp_initialized
+from nanochat_rs.util import atomic_write
 
 if TYPE_CHECKING:
     from nanochat_rs.gpt import GPT
@@ -87,19 +86,6 @@ def tokenizer_fingerprint(tokenizer_dir: str | os.PathLike[str]) -> str:
 # ---- writing ----------------------------------------------------------------------------------
 
 
-def _atomic_write(path: Path, write: Callable[[Any], None], mode: str = "wb") -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, mode) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _plain_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """fp32 CPU copies of every entry, keyed without torch.compile's prefix."""
     state = {}
@@ -154,13 +140,13 @@ def save_checkpoint(directory: str | os.PathLike[str], step: int, model: torch.n
     _barrier()
     if rank == 0:
         state = _plain_state_dict(model)
-        _atomic_write(target / MODEL_FILE, lambda f: torch.save(state, f))
+        atomic_write(target / MODEL_FILE, lambda f: torch.save(state, f))
     if optimizer is not None:
         optim_state = optimizer.state_dict()
-        _atomic_write(target / optim_filename(rank), lambda f: torch.save(optim_state, f))
+        atomic_write(target / optim_filename(rank), lambda f: torch.save(optim_state, f))
     _barrier()  # every rank's files are in place before the marker appears
     if rank == 0:
-        _atomic_write(target / META_FILE, lambda f: f.write(json.dumps(full, indent=2) + "\n"), mode="w")
+        atomic_write(target / META_FILE, lambda f: f.write(json.dumps(full, indent=2) + "\n"), mode="w")
     _barrier()
     return target
 

@@ -17,7 +17,6 @@ through their row groups epoch after epoch (the caller bounds the number of step
 
 from __future__ import annotations
 
-import operator
 import queue
 import threading
 from collections.abc import Iterator, Mapping
@@ -33,6 +32,7 @@ import torch
 from nanochat_rs.common import get_dist_info
 from nanochat_rs.dataset import list_parquet_files
 from nanochat_rs.packer import BestFitPacker
+from nanochat_rs.util import check_int
 
 STATE_VERSION = 1
 TEXT_COLUMN = "text"
@@ -244,18 +244,6 @@ def _batches(maker: _BatchMaker, slots: list[_Slot], device: torch.device,
 # ---- public API ------------------------------------------------------------------------------------
 
 
-def _positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool):
-        raise TypeError(f"{name} must be an int, got bool")
-    try:
-        number = operator.index(value)  # type: ignore[arg-type]
-    except TypeError:
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
-    if number < 1:
-        raise ValueError(f"{name} must be >= 1, got {number}")
-    return number
-
-
 def _resume(state: Mapping[str, Any], identity: dict[str, Any], packer: BestFitPacker) -> Cursor:
     if not isinstance(state, Mapping) or state.get("version") != STATE_VERSION:
         raise ValueError(f"resume_state is not a dataloader state of version {STATE_VERSION}")
@@ -290,10 +278,10 @@ def tokenizing_data_loader(tokenizer: Any, B: int, T: int, split: str, device: s
     Arguments are checked now; reading starts on the first `next()`. Close the iterator (or let
     it be garbage-collected) to stop its background thread.
     """
-    B = _positive_int("B", B)
-    T = _positive_int("T", T)
-    tokenizer_batch_rows = _positive_int("tokenizer_batch_rows", tokenizer_batch_rows)
-    prefetch = _positive_int("prefetch", prefetch)
+    B = check_int("B", B, 1)
+    T = check_int("T", T, 1)
+    tokenizer_batch_rows = check_int("tokenizer_batch_rows", tokenizer_batch_rows, 1)
+    prefetch = check_int("prefetch", prefetch, 1)
     device = torch.device(device)
     info = get_dist_info()
     files = split_files(split, data_dir)

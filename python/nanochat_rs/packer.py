@@ -24,7 +24,6 @@ Packing runs in Rust with the GIL released. `state_dict()` is JSON-serialisable 
 
 from __future__ import annotations
 
-import operator
 import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -32,23 +31,12 @@ from typing import Any
 import numpy as np
 
 from nanochat_rs import _native
+from nanochat_rs.util import check_int
 
 STATE_FORMAT: str = _native.PACKER_STATE_FORMAT
 STATE_VERSION: int = _native.PACKER_STATE_VERSION
 _STAT_KEYS = ("docs_in", "tokens_in", "tokens_placed", "tokens_cropped", "docs_placed", "docs_cropped",
               "rows_packed")
-
-
-def _check_int(name: str, value: object, minimum: int) -> int:
-    if isinstance(value, bool):
-        raise TypeError(f"{name} must be an int, got bool")
-    try:
-        number = operator.index(value)  # type: ignore[arg-type]
-    except TypeError:
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
-    if number < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {number}")
-    return number
 
 
 def _torch_tensor_type() -> type | None:
@@ -95,7 +83,7 @@ def _output_array(name: str, value: object, columns: int) -> np.ndarray:
 
 
 def _state_int(state: Mapping[str, Any], key: str, minimum: int = 0) -> int:
-    return _check_int(f"state[{key!r}]", state[key], minimum)
+    return check_int(f"state[{key!r}]", state[key], minimum)
 
 
 def _state_list(state: Mapping[str, Any], key: str, item_type: type) -> list[Any]:
@@ -117,14 +105,14 @@ class BestFitPacker:
 
     def __init__(self, seq_len: int, buffer_size: int = 1000, audio_prefix_len: int = 0,
                  bos_token_id: int | None = None) -> None:
-        seq_len = _check_int("seq_len", seq_len, 1)
-        buffer_size = _check_int("buffer_size", buffer_size, 1)
-        audio_prefix_len = _check_int("audio_prefix_len", audio_prefix_len, 0)
+        seq_len = check_int("seq_len", seq_len, 1)
+        buffer_size = check_int("buffer_size", buffer_size, 1)
+        audio_prefix_len = check_int("audio_prefix_len", audio_prefix_len, 0)
         if seq_len <= audio_prefix_len:
             raise ValueError(f"seq_len ({seq_len}) must be greater than audio_prefix_len ({audio_prefix_len}) "
                              "so every row holds at least one text token")
         if bos_token_id is not None:
-            bos_token_id = _check_int("bos_token_id", bos_token_id, 0)
+            bos_token_id = check_int("bos_token_id", bos_token_id, 0)
             if bos_token_id > np.iinfo(np.uint32).max:
                 raise ValueError(f"bos_token_id must fit in uint32, got {bos_token_id}")
         self._native = _native.Packer(seq_len, buffer_size, audio_prefix_len, bos_token_id)
@@ -219,7 +207,7 @@ class BestFitPacker:
             _state_int(state, "seq_len", 1), _state_int(state, "buffer_size", 1),
             _state_int(state, "audio_prefix_len"), None if bos is None else _state_int(state, "bos_token_id"),
             state["finished"], _state_int(state, "next_seq"),
-            tuple(_check_int(f"state['stats'][{k!r}]", stats[k], 0) for k in _STAT_KEYS),
+            tuple(check_int(f"state['stats'][{k!r}]", stats[k], 0) for k in _STAT_KEYS),
             _state_list(state, "buffer_seqs", int), _state_list(state, "buffer_docs", str),
             _state_list(state, "pending_docs", str),
         )

@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -18,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from nanochat_rs import _native
+from nanochat_rs.util import atomic_write
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -311,8 +311,9 @@ class Tokenizer:
         ranks = "".join(f"{base64.b64encode(tok).decode('ascii')} {rank}\n" for rank, tok in enumerate(self._vocab))
         meta = {"format": _FORMAT, "version": _FORMAT_VERSION, "pattern": self._pattern,
                 "num_ranks": len(self._vocab), "special_tokens": list(SPECIAL_TOKENS)}
-        _atomic_write(path / _RANKS_FILE, ranks)
-        _atomic_write(path / _META_FILE, json.dumps(meta, indent=2) + "\n")  # last: marks completeness
+        atomic_write(path / _RANKS_FILE, lambda f: f.write(ranks), mode="w")
+        # written last: its presence marks a complete save
+        atomic_write(path / _META_FILE, lambda f: f.write(json.dumps(meta, indent=2) + "\n"), mode="w")
         return path
 
     @classmethod
@@ -370,19 +371,6 @@ def _check_threads(num_threads: int | None) -> int | None:
     if num_threads is not None and (not isinstance(num_threads, int) or num_threads < 1):
         raise ValueError(f"num_threads must be a positive int or None (all cores), got {num_threads!r}")
     return num_threads
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 DEFAULT_TOKENIZER_VOCAB = 4096
