@@ -25,7 +25,7 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from nanochat_rs.checkpoint import find_steps, load_checkpoint, load_model, step_dir
+from nanochat_rs.checkpoint import CheckpointError, find_steps, load_checkpoint, load_model, step_dir
 from nanochat_rs.pretrain import (
     BASE_LRS,
     BASE_WEIGHT_DECAY,
@@ -238,8 +238,7 @@ def test_resume_with_different_data_order_diverges(full_run: tuple[Path, dict, s
     shutil.copytree(step_dir(run_dir, 10), step_dir(other, 10))
     meta_path = step_dir(other, 10) / "meta.json"
     meta = json.loads(meta_path.read_text())
-    meta["dataloader_state"] = None  # restart the data stream from the beginning
-    meta["dataloader_states"] = [None]
+    meta["dataloader_state"] = [None]  # rank 0 restarts the data stream from the beginning
     meta_path.write_text(json.dumps(meta))
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(workspace / "base"))
     train(tiny_config(workspace, "run_other", resume=True, eval_every=0, sample_every=0))
@@ -265,6 +264,21 @@ def test_resume_rejects_a_different_model(full_run: tuple[Path, dict, str], work
         train(tiny_config(workspace, "run_full", resume=True, depth=3))
     with pytest.raises(FileNotFoundError):
         train(tiny_config(workspace, "no_such_run", resume=True))
+
+
+def test_resume_with_another_number_of_ranks_is_a_clear_error(full_run: tuple[Path, dict, str], workspace: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each rank reads its own stride of the data, so the saved per-rank states only fit the same world size."""
+    run_dir, _, _ = full_run
+    other = workspace / "run_two_ranks"
+    shutil.copytree(step_dir(run_dir, 10), step_dir(other, 10))
+    meta_path = step_dir(other, 10) / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta["dataloader_state"] = meta["dataloader_state"] * 2  # as if saved by a 2-process run
+    meta_path.write_text(json.dumps(meta))
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(workspace / "base"))
+    with pytest.raises(CheckpointError, match="dataloader states for 2 ranks, this run has 1"):
+        train(tiny_config(workspace, "run_two_ranks", resume=True, eval_every=0, sample_every=0))
 
 
 def test_fp8_without_cuda_is_a_clear_error(workspace: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -274,7 +274,12 @@ def _resume(run_dir: Path, config: TrainConfig, plan: TrainPlan, model: torch.nn
         if saved_plan.get(key) not in (None, getattr(plan, key)):
             print0(f"Note: {key} was {saved_plan[key]} in the checkpoint, now {getattr(plan, key)}: "
                    "the continuation will differ from the original run")
-    states = meta.get("dataloader_states") or [meta["dataloader_state"]]
+    # one dataloader state per rank (each rank reads its own stride of row groups)
+    states = meta["dataloader_state"]
+    if not isinstance(states, list) or len(states) != info.world_size:
+        count = len(states) if isinstance(states, list) else "no per-rank list"
+        raise CheckpointError(f"cannot resume: the checkpoint holds dataloader states for {count} ranks, this "
+                              f"run has {info.world_size}; resume with the same number of processes")
     loop = LoopState(**meta.get("loop_state", {}))
     print0(f"Resumed from {run_dir} at step {meta['step']}")
     return int(meta["step"]), states[info.rank], loop
@@ -314,8 +319,8 @@ def _save(run_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.opt
 
     states = _gather_loader_states(loader_state, info)
     meta = {
-        "model_config": plan.model_config, "step": step, "dataloader_state": states[0],
-        "dataloader_states": states, "tokenizer_dir": str(tokenizer_dir),
+        "model_config": plan.model_config, "step": step, "dataloader_state": states,
+        "tokenizer_dir": str(tokenizer_dir),
         "tokenizer_id": tokenizer_fingerprint(tokenizer_dir), "train_config": asdict(config),
         "plan": asdict(plan), "loop_state": asdict(loop),
     }
