@@ -8,11 +8,14 @@ causal, -1 = unbounded), in float64.
 from __future__ import annotations
 
 import math
+import warnings
+from unittest import mock
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from nanochat_rs import attention
 from nanochat_rs.attention import backend_name, flash_attn_func, flash_attn_with_kvcache
 
 SETTINGS = settings(max_examples=40, deadline=None)
@@ -226,6 +229,25 @@ def test_cpu_backend_is_sdpa() -> None:
 
 
 # ---- CUDA: FlexAttention (or FA3) for sliding windows ------------------------------------------------
+
+
+@settings(max_examples=15, deadline=None)
+@given(t_q=st.integers(1, 24), extra=st.integers(0, 8), left=st.integers(-1, 12), right=st.integers(-1, 4),
+       hd=heads(), seed=st.integers(0, 99))
+def test_flex_path_block_mask_matches_reference(t_q: int, extra: int, left: int, right: int,
+                                                hd: tuple[int, int, int], seed: int) -> None:
+    """The CUDA sliding-window route (block mask + layout + GQA), run here with eager FlexAttention
+    instead of the compiled kernel: the same mask_mod and arguments, checked on CPU."""
+    flex_attention = pytest.importorskip("torch.nn.attention.flex_attention").flex_attention
+    h, h_kv, d = hd
+    t_k = t_q + extra
+    q, k, v = randn(1, t_q, h, d, seed=seed), randn(1, t_k, h_kv, d, seed=seed + 1), randn(1, t_k, h_kv, d,
+                                                                                           seed=seed + 2)
+    with mock.patch.object(attention, "_compiled_flex", flex_attention), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "flex_attention called without torch.compile": intended here
+        out = attention._flex(q, k, v, left, right)
+    expected = reference_attention(q, k, v, [list(range(extra, t_k))], [t_k], left, right)
+    torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
