@@ -8,6 +8,10 @@ Reports, per batch size: prefill tokens/s (one batch-1 forward over the prompt i
 to first token and decode tokens/s of Engine.generate (N samples of one prompt), and the same for the
 naive GPT.generate baseline (batch 1, recomputes the whole sequence for every token), with ratios.
 Random init is fine: speed does not depend on the weights.
+
+Batch-1 decode is bound by memory bandwidth, so it is also reported as GB/s: the bytes every step must
+read (each non-embedding weight once, plus the attended keys/values) times steps per second. With
+--peak-gbs (e.g. 3350 for an H100 SXM) that becomes memory-bandwidth utilisation (MBU).
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from nanochat_rs.common import autodetect_device_type, compute_cleanup, compute_init
+from nanochat_rs.common import COMPUTE_DTYPE, autodetect_device_type, compute_cleanup, compute_init
 from nanochat_rs.engine import Engine, KVCache
 
 if TYPE_CHECKING:
@@ -49,6 +53,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch-sizes", default="1,8,32", help="comma-separated num_samples to measure")
     parser.add_argument("--repeats", type=int, default=3, help="best of this many runs per measurement")
     parser.add_argument("--device-type", default=None, choices=["cuda", "cpu", "mps"])
+    parser.add_argument("--peak-gbs", type=float, default=None,
+                        help="the device's peak memory bandwidth in GB/s, to report MBU at batch 1")
     args = parser.parse_args()
     try:
         args.batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
@@ -56,6 +62,8 @@ def parse_args() -> argparse.Namespace:
         parser.error(f"--batch-sizes must be comma-separated ints, got {args.batch_sizes!r}")
     if args.prompt_len < 1 or args.max_tokens < 2 or args.repeats < 1 or min(args.batch_sizes) < 1:
         parser.error("--prompt-len, --repeats and batch sizes must be >= 1 and --max-tokens >= 2")
+    if args.peak_gbs is not None and not args.peak_gbs > 0:
+        parser.error(f"--peak-gbs must be positive, got {args.peak_gbs}")
     return args
 
 
@@ -88,6 +96,17 @@ def random_prompt(vocab_size: int, bos: int, length: int) -> list[int]:
     generator = torch.Generator().manual_seed(0)
     body = torch.randint(0, vocab_size - 16, (length - 1,), generator=generator).tolist()
     return [bos, *body]
+
+
+def bytes_per_decode_step(model: GPT, position: int) -> int:
+    """A lower bound on the memory one batch-1 decode step at `position` reads: every weight once,
+    except embedding tables (one row gathered), plus each layer's keys and values inside its window."""
+    gathered = {id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
+    weights = sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in gathered)
+    config = model.config
+    kv_row = 2 * config.n_kv_head * config.head_dim * torch.finfo(COMPUTE_DTYPE).bits // 8
+    keys = sum(min(window, position) + 1 for window in model.window_sizes)  # window = keys back from here
+    return weights + keys * kv_row
 
 
 def time_prefill(model: GPT, prompt: list[int], device: torch.device) -> float:
@@ -155,6 +174,12 @@ def main() -> None:
         vs_b1 = f"{t.decode_tok_s / base.decode_tok_s:12.2f}x" if base else ""
         print(f"{f'engine b{b}':>16} {t.ttft_s * 1e3:9.1f} {t.decode_tok_s:13,.1f} "
               f"{t.decode_tok_s / naive.decode_tok_s:8.2f}x {vs_b1:>13}")
+    if base:
+        # the average decode step sits halfway through the generated tokens
+        step_bytes = bytes_per_decode_step(model, len(prompt) + args.max_tokens // 2)
+        gbs = step_bytes * base.decode_tok_s / 1e9
+        mbu = f", MBU {gbs / args.peak_gbs:.1%} of {args.peak_gbs:,.0f} GB/s" if args.peak_gbs else ""
+        print(f"\nbatch-1 decode reads >= {step_bytes / 1e6:,.1f} MB per step: {gbs:,.1f} GB/s{mbu}")
     compute_cleanup()
 
 

@@ -10,15 +10,23 @@ Interactive commands: 'quit' / 'exit' (or EOF) to leave, 'clear' to start a new 
 from __future__ import annotations
 
 import argparse
+import io
+import os
 import sys
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from nanochat_rs.checkpoint import META_FILE, load_model
-from nanochat_rs.common import autodetect_device_type, base_dir, compute_cleanup, compute_init
-from nanochat_rs.engine import Engine
-from nanochat_rs.tokenizer import Tokenizer
+EXIT_INTERRUPTED = 130  # the shell's code for a process ended by Ctrl-C (128 + SIGINT)
+
+try:  # importing torch takes seconds: Ctrl-C meanwhile must leave as quietly as it does later
+    from nanochat_rs.checkpoint import META_FILE, load_model
+    from nanochat_rs.common import autodetect_device_type, base_dir, compute_cleanup, compute_init
+    from nanochat_rs.conversation import render_next_turn
+    from nanochat_rs.engine import Engine
+    from nanochat_rs.sampling import check_sampling_args
+    from nanochat_rs.tokenizer import Tokenizer
+except KeyboardInterrupt:
+    sys.exit(EXIT_INTERRUPTED)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -35,7 +43,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--device-type", default=None, choices=["cuda", "cpu", "mps"],
                         help="default: autodetect")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    # checked before the (slow) model load, so a typo costs nothing
+    if args.max_tokens < 1:
+        parser.error(f"--max-tokens must be positive, got {args.max_tokens}")
+    if args.top_k < 0:
+        parser.error(f"--top-k must be >= 0 (0 = all tokens), got {args.top_k}")
+    args.top_k = args.top_k or None
+    try:
+        check_sampling_args(args.max_tokens, args.temperature, args.top_k, args.seed)
+    except ValueError as e:
+        parser.error(str(e))
+    return args
 
 
 CHECKPOINT_ROOTS = ("checkpoints", "base_checkpoints")  # under base_dir(); pretraining writes the latter
@@ -53,10 +72,11 @@ def default_checkpoint_dir(base: Path) -> Path:
     return newest.parent.parent
 
 
-def user_turn(tokenizer: Tokenizer, text: str) -> list[int]:
-    """Tokens of one user message followed by the assistant prefix, as conversation.py renders them."""
-    return [tokenizer.encode_special("<|user_start|>"), *tokenizer.encode(text),  # type: ignore[misc]
-            tokenizer.encode_special("<|user_end|>"), tokenizer.encode_special("<|assistant_start|>")]
+def valid_text(text: str) -> str:
+    """`text` with undecodable input bytes replaced by U+FFFD. Python passes such bytes on as lone
+    surrogates (surrogateescape, for argv and for stdin as set up in chat_loop), which the tokenizer
+    cannot encode."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 @dataclass(frozen=True)
@@ -73,8 +93,8 @@ class Chat:
     def room_for(self, tokens: list[int]) -> int:
         return min(self.max_tokens, self.context - len(tokens))
 
-    def stream(self, tokens: list[int], seed: int) -> Iterator[tuple[int, str]]:
-        """Yield (token, newly printable text) per generated token until the assistant stops.
+    def answer(self, tokens: list[int], seed: int) -> list[int]:
+        """Print the reply to `tokens` as it streams and return its tokens (without the stop token).
 
         Text is decoded from the whole reply so far and held back while it ends in a partial UTF-8
         character (a multi-byte character can be split across tokens).
@@ -84,35 +104,29 @@ class Chat:
         shown = 0
         for column, _ in self.engine.generate(tokens, max_tokens=self.room_for(tokens),
                                               temperature=self.temperature, top_k=self.top_k, seed=seed):
-            token = column[0]
-            if token in stop:
-                return
-            reply.append(token)
+            if column[0] in stop:
+                break
+            reply.append(column[0])
             text = self.tokenizer.decode(reply)
-            if text.endswith("\ufffd"):
-                yield token, ""
-                continue
-            yield token, text[shown:]
-            shown = len(text)
-
-    def answer(self, tokens: list[int], seed: int) -> list[int]:
-        """Print the reply as it streams and return its tokens."""
-        reply = []
-        for token, text in self.stream(tokens, seed):
-            reply.append(token)
-            print(text, end="", flush=True)
-        print()
+            if not text.endswith("\ufffd"):
+                print(text[shown:], end="", flush=True)
+                shown = len(text)
+        print(self.tokenizer.decode(reply)[shown:], flush=True)  # a reply cut mid-character ends in U+FFFD
+        if len(tokens) + len(reply) >= self.context:  # no stop token fitted: the context ran out
+            print(f"(reply cut off: it reached the model's {self.context}-token context)", file=sys.stderr)
         return reply
 
 
 def chat_loop(chat: Chat, seed: int) -> None:
     tokenizer = chat.tokenizer
+    if isinstance(sys.stdin, io.TextIOWrapper):  # bad UTF-8 typed or piped in must not end the session
+        sys.stdin.reconfigure(errors="surrogateescape")
     print("nanochat_rs chat. Type 'quit' or 'exit' to leave, 'clear' to start over.")
     conversation = [tokenizer.bos_token_id]
     turn = 0
     while True:
         try:
-            text = input("\nUser: ").strip()
+            text = valid_text(input("\nUser: ")).strip()
         except EOFError:
             print()
             return
@@ -124,7 +138,7 @@ def chat_loop(chat: Chat, seed: int) -> None:
             continue
         if not text:
             continue
-        tokens = conversation + user_turn(tokenizer, text)
+        tokens = conversation + render_next_turn(tokenizer, text)
         if chat.room_for(tokens) <= 0:
             print(f"(the conversation fills the model's {chat.context}-token context; type 'clear')")
             continue
@@ -134,30 +148,37 @@ def chat_loop(chat: Chat, seed: int) -> None:
         turn += 1
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    if args.max_tokens < 1:
-        raise SystemExit(f"--max-tokens must be positive, got {args.max_tokens}")
-    if args.temperature < 0 or args.top_k < 0:
-        raise SystemExit("--temperature and --top-k must be >= 0")
-    _, device = compute_init(args.device_type or autodetect_device_type())
+def run(args: argparse.Namespace) -> None:
+    try:
+        _, device = compute_init(args.device_type or autodetect_device_type())
+    except RuntimeError as e:  # the requested device is not available
+        raise SystemExit(f"error: {e}") from None
     try:
         checkpoint = args.checkpoint or default_checkpoint_dir(base_dir())
         model, tokenizer, _ = load_model(checkpoint, device, step=args.step)
-    except (FileNotFoundError, ValueError) as e:  # CheckpointError is a ValueError
+    except (OSError, ValueError) as e:  # missing/unreadable files; CheckpointError is a ValueError
         raise SystemExit(f"error: {e}") from None
     chat = Chat(Engine(model, tokenizer), tokenizer, model.config.sequence_len, args.temperature,
-                args.top_k or None, args.max_tokens)
+                args.top_k, args.max_tokens)
+    if args.prompt is None:
+        chat_loop(chat, args.seed)
+        return
+    tokens = [tokenizer.bos_token_id, *render_next_turn(tokenizer, valid_text(args.prompt))]
+    if chat.room_for(tokens) <= 0:
+        raise SystemExit(f"error: the prompt does not fit the model's {chat.context}-token context")
+    chat.answer(tokens, seed=args.seed)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     try:
-        if args.prompt is not None:
-            tokens = [tokenizer.bos_token_id, *user_turn(tokenizer, args.prompt)]
-            if chat.room_for(tokens) <= 0:
-                raise SystemExit(f"error: the prompt does not fit the model's {chat.context}-token context")
-            chat.answer(tokens, seed=args.seed)
-        else:
-            chat_loop(chat, args.seed)
-    except KeyboardInterrupt:  # Ctrl-C leaves quietly, mid-answer or at the prompt
+        run(args)
+    except KeyboardInterrupt:  # Ctrl-C leaves quietly: while loading, mid-answer or at the prompt
         print()
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:  # the reader went away (e.g. `chat.py -p ... | head`): nothing left to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # or the exit-time flush fails too
+        return 1
     finally:
         compute_cleanup()
     return 0

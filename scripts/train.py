@@ -49,12 +49,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main() -> None:
     args = build_parser().parse_args()
     # Imported after parsing so --help works instantly and without the native extension.
+    from nanochat_rs.common import DeviceUnavailableError
+    from nanochat_rs.dataset import DownloadError
     from nanochat_rs.pretrain import TrainConfig, train
 
     config = TrainConfig(**vars(args))
     try:
         train(config)
-    except (ValueError, FileNotFoundError) as e:
+    # problems with the user's input or machine get one line; anything else keeps its traceback
+    except (ValueError, FileNotFoundError, DeviceUnavailableError, DownloadError) as e:
         raise SystemExit(f"error: {e}") from None
 
 

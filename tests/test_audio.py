@@ -152,6 +152,11 @@ def test_stack_frames_concatenates_consecutive_frames() -> None:
         stack_frames(frames, 4, drop_remainder=False)
     with pytest.raises(ValueError, match="at least stack=4"):
         stack_frames(frames[:, :3], 4)
+    for bad_stack in (0, -2, 1.5, True):
+        with pytest.raises(ValueError, match="stack must be a positive int"):
+            stack_frames(frames, bad_stack)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"\(B, T_frames, D\)"):
+        stack_frames(frames.tolist(), 4)  # type: ignore[arg-type]
 
 
 def test_projector_shapes_and_validation() -> None:

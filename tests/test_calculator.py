@@ -4,7 +4,6 @@ nothing the model can write makes it raise, run long or reach outside the expres
 from __future__ import annotations
 
 import math
-import time
 
 import pytest
 from hypothesis import given, settings
@@ -113,11 +112,11 @@ def test_rejects_everything_else(expression: str) -> None:
     "sqrt(2 ** 511 * 4.0 ** 300)",
 ])
 def test_refuses_huge_results_without_computing_them(expression: str) -> None:
-    start = time.perf_counter()
-    result = evaluate(expression)
+    # no deadline to fall back on: the refusal must come from the size rules, before computing
+    # (were it computed, this test would hang instead)
+    result = evaluate(expression, timeout_s=1e9)
     assert result.value is None and result.error
-    # generous bound: this is a hang detector, not a benchmark
-    assert time.perf_counter() - start < 5.0
+    assert "timed out" not in result.error
 
 
 @pytest.mark.parametrize("expression", [

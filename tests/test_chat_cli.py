@@ -6,9 +6,12 @@ from __future__ import annotations
 import math
 import os
 import runpy
+import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -71,12 +74,23 @@ def first_turn(reference: tuple[Engine, Tokenizer], text: str) -> tuple[list[int
     return prompt, greedy_reply(reference, prompt)
 
 
-def run_chat(base: Path, *args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+def chat_command(base: Path, *args: str) -> tuple[list[str], dict[str, str]]:
     env = {**os.environ, "NANOCHAT_BASE_DIR": str(base),
            "PYTHONPATH": os.pathsep.join([str(REPO / "python"), os.environ.get("PYTHONPATH", "")])}
-    return subprocess.run([sys.executable, str(CHAT), "--device-type", "cpu", "--temperature", "0",
-                           "--max-tokens", str(MAX_TOKENS), *args],
-                          input=stdin, capture_output=True, text=True, env=env, timeout=120, check=False)
+    return [sys.executable, str(CHAT), "--device-type", "cpu", "--temperature", "0",
+            "--max-tokens", str(MAX_TOKENS), *args], env
+
+
+def run_chat(base: Path, *args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+    """Run the CLI to completion. Lone surrogates in `args`/`stdin` reach it as undecodable bytes."""
+    command, env = chat_command(base, *args)
+    return subprocess.run(command, input=stdin, capture_output=True, text=True, errors="surrogateescape",
+                          env=env, timeout=120, check=False)
+
+
+def script_namespace() -> dict[str, Any]:
+    """scripts/chat.py's globals (the ones its functions see, so tests can patch them)."""
+    return runpy.run_path(str(CHAT))["main"].__globals__
 
 
 def test_one_shot_prompt_prints_the_engine_answer(base: Path, reference: tuple[Engine, Tokenizer]) -> None:
@@ -121,7 +135,7 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
 
 
 def test_default_checkpoint_is_the_most_recently_written(tmp_path: Path) -> None:
-    default_checkpoint_dir = runpy.run_path(str(CHAT))["default_checkpoint_dir"]
+    default_checkpoint_dir = script_namespace()["default_checkpoint_dir"]
 
     def write_marker(run: str, step: int, mtime: int) -> None:
         marker = tmp_path / run / f"step_{step:06d}" / "meta.json"
@@ -138,3 +152,126 @@ def test_default_checkpoint_is_the_most_recently_written(tmp_path: Path) -> None
     assert default_checkpoint_dir(tmp_path) == tmp_path / "checkpoints"
     with pytest.raises(FileNotFoundError, match="no checkpoints under"):
         default_checkpoint_dir(tmp_path / "empty")
+
+
+@pytest.mark.parametrize(("option", "match"), [(("--temperature", "nan"), "temperature must be a finite"),
+                                               (("--top-k", "-1"), "--top-k must be >= 0")])
+def test_bad_options_fail_before_loading_anything(tmp_path: Path, option: tuple[str, str], match: str) -> None:
+    result = run_chat(tmp_path, "-p", "hi", *option)  # no checkpoint here: the options are checked first
+    assert result.returncode == 2
+    assert match in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.skipif(torch.backends.mps.is_available(), reason="needs a machine without MPS")
+def test_unavailable_device_is_a_clear_error(base: Path) -> None:
+    result = run_chat(base, "-p", "hi", "--device-type", "mps")
+    assert result.returncode == 1
+    assert result.stderr == "error: device_type='mps' requested but MPS is not available\n"
+
+
+def test_undecodable_input_bytes_become_replacement_characters(base: Path,
+                                                               reference: tuple[Engine, Tokenizer]) -> None:
+    answer = reference[1].decode(first_turn(reference, "caf\ufffd")[1])
+    one_shot = run_chat(base, "-p", "caf\udce9")  # b"caf\xe9": Latin-1, not UTF-8
+    assert one_shot.returncode == 0, one_shot.stderr
+    assert one_shot.stdout == answer + "\n"
+    piped = run_chat(base, stdin="caf\udce9\n")
+    assert piped.returncode == 0, piped.stderr
+    assert f"Assistant: {answer}\n" in piped.stdout
+
+
+def test_reply_cut_off_by_the_context_is_reported(base: Path, reference: tuple[Engine, Tokenizer]) -> None:
+    """The test model never stops, so a generous --max-tokens runs into its 64-token context."""
+    engine, tokenizer = reference
+    prompt = tokenizer.render_for_completion([{"role": "user", "content": "hello there"}])
+    reply = [column[0] for column, _ in engine.generate(prompt, max_tokens=64 - len(prompt), temperature=0.0)]
+    result = run_chat(base, "--max-tokens", "100", stdin="hello there\nhow are you\n")
+    assert result.returncode == 0, result.stderr
+    assert f"Assistant: {tokenizer.decode(reply)}\n" in result.stdout
+    assert result.stderr == "(reply cut off: it reached the model's 64-token context)\n"
+    # the full context leaves no room for another turn: said plainly, and the session goes on
+    assert "(the conversation fills the model's 64-token context; type 'clear')" in result.stdout
+
+
+def test_ctrl_c_at_the_prompt_leaves_quietly(base: Path) -> None:
+    command, env = chat_command(base)
+    with subprocess.Popen(command, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE) as process:
+        assert process.stdout is not None
+        seen = b""
+        while not seen.endswith(b"User: "):
+            chunk = os.read(process.stdout.fileno(), 4096)
+            assert chunk, "the CLI exited before prompting"
+            seen += chunk
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130
+    assert stderr == b""
+
+
+def test_ctrl_c_while_loading_leaves_quietly(base: Path, monkeypatch: pytest.MonkeyPatch,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    namespace = script_namespace()
+
+    def interrupted(*args: Any, **kwargs: Any) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(namespace, "load_model", interrupted)
+    try:
+        code = namespace["main"](["--checkpoint", str(base / "checkpoints" / "d2"), "--device-type", "cpu",
+                                  "-p", "hi"])
+    except KeyboardInterrupt:  # caught here, or it would stop the whole test session
+        pytest.fail("Ctrl-C while loading escaped main()")
+    assert code == 130
+    assert capsys.readouterr().err == ""
+
+
+def test_closed_stdout_is_not_a_traceback(base: Path) -> None:
+    """`chat.py -p ... | head -c 1` closes the pipe early: the CLI must go without a traceback."""
+    command, env = chat_command(base, "-p", "hello there")
+    with subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as process:
+        assert process.stdout is not None
+        process.stdout.close()  # before the CLI has written anything
+        _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 1
+    assert stderr == b""
+
+
+class ScriptedEngine:
+    """Stands in for the Engine: 'generates' a fixed list of tokens."""
+
+    def __init__(self, tokens: list[int]) -> None:
+        self.tokens = tokens
+
+    def generate(self, tokens: list[int], **kwargs: Any) -> Iterator[tuple[list[int], list[int]]]:
+        return (([token], [1]) for token in self.tokens)
+
+
+class RecordedWrites:
+    """A stdout that keeps every non-empty write separately, to see what was shown when."""
+
+    def __init__(self) -> None:
+        self.writes: list[str] = []
+
+    def write(self, text: str) -> int:
+        if text:
+            self.writes.append(text)
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+
+def test_streaming_holds_back_split_characters(reference: tuple[Engine, Tokenizer],
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Token ids 0-255 are raw bytes: 'é' is 0xC3 0xA9. A reply cut after a lead byte still shows it
+    (as U+FFFD) rather than silently dropping it."""
+    tokenizer = reference[1]
+    script = [ord("c"), 0xC3, 0xA9, 0xC3]
+    chat = script_namespace()["Chat"](ScriptedEngine(script), tokenizer, context=64, temperature=0.0,
+                                      top_k=None, max_tokens=len(script))
+    stdout = RecordedWrites()
+    monkeypatch.setattr(sys, "stdout", stdout)
+    assert chat.answer([tokenizer.bos_token_id], seed=0) == script
+    assert stdout.writes == ["c", "\u00e9", "\ufffd", "\n"]

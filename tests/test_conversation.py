@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from nanochat_rs.conversation import render_conversation, render_for_completion
+from nanochat_rs.conversation import render_conversation, render_for_completion, render_next_turn
 from nanochat_rs.tokenizer import Tokenizer
 
 _CORPUS = ["The quick brown fox jumps over the lazy dog. 12 + 30 = 42, and 7 * 6 is 42 too!",
@@ -92,6 +92,17 @@ def test_render_for_completion_primes_the_reply(tok: Tokenizer) -> None:
     snapshot = [dict(m) for m in with_answer]
     assert render_for_completion(tok, with_answer) == prompt
     assert with_answer == snapshot
+
+
+def test_next_turn_extends_a_rendered_conversation(tok: Tokenizer) -> None:
+    """A chat front end that keeps tokens gets exactly what rendering the whole conversation gives."""
+    first = [{"role": "user", "content": "hello"}]
+    assert [tok.bos_token_id, *render_next_turn(tok, "hello")] == render_for_completion(tok, first)
+    history, _ = render_conversation(tok, [*first, {"role": "assistant", "content": "hi"}])
+    second = [*first, {"role": "assistant", "content": "hi"}, {"role": "user", "content": "how are you"}]
+    assert history + render_next_turn(tok, "how are you") == render_for_completion(tok, second)
+    with pytest.raises(ValueError, match="user_text must be a str"):
+        render_next_turn(tok, None)  # type: ignore[arg-type]
 
 
 def test_tokenizer_methods_delegate_here(tok: Tokenizer) -> None:

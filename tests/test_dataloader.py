@@ -137,6 +137,10 @@ def test_resume_state_must_match_the_loader(tokenizer, shards) -> None:
         tokenizing_data_loader(tokenizer, 2, 32, "train", data_dir=data_dir, buffer_size=6, resume_state=state)
     with pytest.raises(ValueError, match="version"):
         tokenizing_data_loader(tokenizer, 2, 24, "train", data_dir=data_dir, resume_state={"version": 0})
+    without_packer = {k: v for k, v in state.items() if k != "packer"}
+    with pytest.raises(ValueError, match="no 'packer' state"):
+        tokenizing_data_loader(tokenizer, 2, 24, "train", data_dir=data_dir, buffer_size=6,
+                               resume_state=without_packer)
     bad_cursor = {**state, "cursor": {"epoch": 0, "index": 99, "row": 0}}
     with pytest.raises(ValueError, match="row group 99"):
         tokenizing_data_loader(tokenizer, 2, 24, "train", data_dir=data_dir, buffer_size=6, resume_state=bad_cursor)
@@ -149,6 +153,25 @@ def test_tiny_corpus_cycles_through_epochs(tokenizer, tmp_path) -> None:
     got = take(tokenizing_data_loader(tokenizer, 4, 64, "train", data_dir=data_dir, buffer_size=50), 3)
     assert as_lists(got) == expected_batches(tokenizer, docs[0] + docs[1], 3, 4, 64, buffer_size=50)
     assert got[-1][2]["cursor"]["epoch"] > 10
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="counts open files through /proc")
+def test_reading_many_shards_keeps_only_one_open(tokenizer, tmp_path) -> None:
+    # Real datasets have thousands of shards: keeping every file seen open would exhaust the fds.
+    docs = [[f"shard {i} says hello"] for i in range(41)]
+    data_dir = write_shards(tmp_path / "many", docs, row_group_size=1)
+    open_before = len(list(Path("/proc/self/fd").iterdir()))
+    loader = tokenizing_data_loader(tokenizer, 1, 8, "train", data_dir=data_dir, buffer_size=2,
+                                    tokenizer_batch_rows=1, prefetch=1)
+    epochs = 0
+    for _, _, state in loader:
+        epochs = state["cursor"]["epoch"]
+        if epochs >= 2:
+            break
+    open_during = len(list(Path("/proc/self/fd").iterdir()))
+    loader.close()
+    assert epochs >= 2
+    assert open_during - open_before < 5
 
 
 def test_no_documents_is_a_clear_error(tokenizer, tmp_path) -> None:

@@ -371,3 +371,6 @@ def test_bad_arguments_are_value_errors(tmp_path: Path) -> None:
         download_shard(0, data_dir=tmp_path, max_attempts=0)
     with pytest.raises(ValueError, match="workers"):
         download_shards(2, workers=0, data_dir=tmp_path)
+    for bad in ([0, 2.5], ["1"], True):
+        with pytest.raises(ValueError, match="shard index|got a bool"):
+            download_shards(bad, data_dir=tmp_path, base_url="http://127.0.0.1:9", max_attempts=1)  # type: ignore[arg-type]

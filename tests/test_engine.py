@@ -280,6 +280,7 @@ def test_the_caller_is_not_left_in_inference_mode(tok: Tokenizer) -> None:
     (dict(max_tokens=-1), ValueError, "max_tokens"),
     (dict(temperature=-0.1), ValueError, "temperature"),
     (dict(temperature=float("nan")), ValueError, "temperature"),
+    (dict(temperature=float("inf")), ValueError, "temperature"),
     (dict(top_k=0), ValueError, "top_k"),
     (dict(seed=1.5), ValueError, "seed"),
     (dict(tokens=list(range(64))), ValueError, "fills the model's context"),

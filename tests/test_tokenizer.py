@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import random
+import string
+
+import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import rustbpe
 import tiktoken
@@ -76,6 +81,8 @@ def test_arrow_input_trains_like_python_strings() -> None:
     assert Tokenizer.train(chunked, 256 + N_SPECIAL + 25).mergeable_ranks() == from_list.mergeable_ranks()
     per_batch = [pa.array(docs[:17], type=pa.large_string()), pa.array(docs[17:], type=pa.string_view())]
     assert Tokenizer.train(per_batch, 256 + N_SPECIAL + 25).mergeable_ranks() == from_list.mergeable_ranks()
+    dictionary = pa.array(docs).dictionary_encode()  # how parquet hands out dictionary columns
+    assert Tokenizer.train(dictionary, 256 + N_SPECIAL + 25).mergeable_ranks() == from_list.mergeable_ranks()
     sliced = pa.array(["zz", *docs[:-1]]).slice(1)  # a non-zero array offset
     mixed = [sliced, docs[-1]]
     assert Tokenizer.train(mixed, 256 + N_SPECIAL + 25).mergeable_ranks() == from_list.mergeable_ranks()
@@ -87,6 +94,29 @@ def test_doc_cap_and_max_chars_limit_what_is_read() -> None:
     assert b"xy" not in capped.mergeable_ranks()
     limited = Tokenizer.train(["aaaa"] * 3 + ["zzzz"] * 100, 256 + N_SPECIAL + 1, max_chars=8)
     assert b"aa" in limited.mergeable_ranks() and b"zz" not in limited.mergeable_ranks()
+
+
+def test_an_exception_in_progress_stops_training_at_once() -> None:
+    # Ctrl-C (or any exception from the progress callback) ends the merge phase at that report: the
+    # exception propagates and no further merges are reported (the Rust side stops merging at the
+    # same point: see train.rs `progress_can_stop_training_early`).
+    rng = random.Random(0)
+    docs = [" ".join("".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(3, 12)))
+                     for _ in range(100)) for _ in range(200)]
+
+    class Stop(Exception):
+        pass
+
+    merge_reports: list[int] = []
+
+    def interrupt(phase: str, done: int, total: int) -> None:
+        if phase == "merge":
+            merge_reports.append(done)
+            raise Stop
+
+    with pytest.raises(Stop):
+        Tokenizer.train(docs, 256 + N_SPECIAL + 5_000, progress=interrupt)
+    assert len(merge_reports) == 1 and merge_reports[0] < 5_000
 
 
 def test_progress_is_reported() -> None:
@@ -128,6 +158,25 @@ def test_batch_flat_and_arrow_encodings_agree(trained: Tokenizer) -> None:
     chunked = pa.chunked_array([pa.array(texts[:7]), pa.array(texts[7:])])
     a_tokens, a_offsets = trained.encode_arrow(chunked, prepend="<|bos|>")
     assert a_tokens.tolist() == tokens.tolist() and a_offsets.tolist() == offsets.tolist()
+
+
+def test_arrow_encoding_of_sliced_nullable_and_dictionary_columns(trained: Tokenizer, tmp_path) -> None:
+    texts = ["zero", None, "two 22", "", "four four", None, "six 🎉"]
+    expected = trained.encode([t or "" for t in texts], prepend="<|bos|>")
+
+    def docs(array) -> list[list[int]]:
+        tokens, offsets = trained.encode_arrow(array, prepend="<|bos|>")
+        assert len(offsets) == len(array) + 1
+        return [tokens[offsets[i]:offsets[i + 1]].tolist() for i in range(len(array))]
+
+    for kind in (pa.string(), pa.large_string()):
+        assert docs(pa.array(texts, kind).slice(2, 4)) == expected[2:6]
+        chunked = pa.chunked_array([pa.array(texts[:3], kind), pa.array(texts[3:], kind)]).slice(1, 5)
+        assert docs(chunked) == expected[1:6]
+    pq.write_table(pa.table({"text": texts}), tmp_path / "dict.parquet")
+    column = pq.read_table(tmp_path / "dict.parquet", read_dictionary=["text"]).column("text")
+    assert pa.types.is_dictionary(column.type)
+    assert docs(column) == expected
 
 
 def test_prepend_append_and_specials(trained: Tokenizer) -> None:
@@ -188,6 +237,11 @@ def test_load_errors_are_clear(tmp_path, trained: Tokenizer) -> None:
     (tmp_path / "tok" / "ranks.tiktoken").write_text("not base64 at all!\n")
     with pytest.raises(ValueError, match="corrupt line 1"):
         Tokenizer.load(tmp_path / "tok")
+    (tmp_path / "tok" / "ranks.tiktoken").write_text("YQ== first\n")
+    with pytest.raises(ValueError, match="corrupt line 1"):
+        Tokenizer.load(tmp_path / "tok")
+    with pytest.raises(ValueError, match="token 256 repeats the bytes of token 97"):
+        Tokenizer([bytes([b]) for b in range(256)] + [b"a"])  # ambiguous ranks, as a bad file would give
     (tmp_path / "tok" / "tokenizer.json").write_text("{")
     with pytest.raises(ValueError, match="corrupt tokenizer metadata"):
         Tokenizer.load(tmp_path / "tok")
@@ -238,6 +292,11 @@ def test_out_of_range_ids_in_decode(trained: Tokenizer) -> None:
         trained.decode([-1])
     with pytest.raises(TypeError, match="iterable of int"):
         trained.decode(["a"])  # type: ignore[list-item]
+    with pytest.raises(TypeError, match="iterable of int"):
+        trained.decode([104.7, 105])  # type: ignore[list-item]
+    with pytest.raises(TypeError, match="not str"):
+        trained.decode("104")  # type: ignore[arg-type]
+    assert trained.decode(np.array([104, 105], np.uint32)) == trained.decode([104, 105]) == "hi"
 
 
 def test_bad_encode_arguments(trained: Tokenizer) -> None:
@@ -247,3 +306,38 @@ def test_bad_encode_arguments(trained: Tokenizer) -> None:
         trained.encode([b"bytes"])  # type: ignore[list-item]
     with pytest.raises(ValueError, match="num_threads"):
         trained.encode(["a"], num_threads=0)
+
+
+# ---- tok_train.py's report -------------------------------------------------------------------------
+
+
+def _slow_bytes_read(shards, chars: int, doc_cap: int) -> int:
+    """Oracle: walk the documents as Python str, each capped, until the char budget is spent."""
+    total, remaining = 0, chars
+    for shard in shards:
+        for text in pq.read_table(shard).column("text").to_pylist():
+            if remaining <= 0:
+                return total
+            text = (text or "")[:doc_cap]
+            total += len(text.encode("utf-8"))
+            remaining -= len(text)
+    return total
+
+
+@pytest.mark.parametrize("max_chars, chars_read", [(1, 12), (30, 34), (10**9, 46)])
+def test_training_report_counts_the_bytes_actually_read(tmp_path, max_chars: int, chars_read: int) -> None:
+    # Capped at 12 chars the training documents have 12, 0, 0, 12, 10 and 12 chars; the document
+    # that crosses the budget is read whole.
+    from nanochat_rs.tok_training import train_on_shards
+
+    shards = []
+    for i, docs in enumerate([["héllo wörld 🎉🎉", None, "", "abc " * 20], ["ñandú über", "x" * 50],
+                              ["validation text ünïcode"]]):
+        shards.append(tmp_path / f"shard_{i:05d}.parquet")
+        pq.write_table(pa.table({"text": pa.array(docs, pa.string())}), shards[-1], row_group_size=2)
+    tokenizer, report = train_on_shards(shards[:-1], shards[-1], 256 + N_SPECIAL + 10, max_chars, doc_cap=12,
+                                        show_progress=False)
+    assert report.chars == chars_read
+    assert report.bytes == _slow_bytes_read(shards[:-1], report.chars, 12)
+    val = "validation text ünïcode"
+    assert report.val_bytes_per_token == len(val.encode()) / len(tokenizer.encode(val))

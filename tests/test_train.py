@@ -25,13 +25,18 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from nanochat_rs import fp8
 from nanochat_rs.checkpoint import CheckpointError, find_steps, load_checkpoint, load_model, step_dir
 from nanochat_rs.pretrain import (
     BASE_LRS,
     BASE_WEIGHT_DECAY,
     REFERENCE_BATCH_TOKENS,
+    LoopState,
     TrainConfig,
+    check_fp8_device,
+    peak_flops,
     plan_training,
+    progress_line,
     resolve_config,
     round_batch,
     train,
@@ -132,6 +137,46 @@ def test_train_script_help() -> None:
                  "--num-iterations", "--seq-len", "--eval-every", "--eval-tokens", "--sample-every",
                  "--save-every", "--resume", "--run-dir", "--preset", "--data-dir", "--seed"):
         assert flag in out.stdout
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_train_script_reports_a_missing_device_in_one_line() -> None:
+    env = dict(os.environ, PYTHONPATH=str(REPO / "python"))
+    out = subprocess.run([sys.executable, str(REPO / "scripts" / "train.py"), "--device-type", "cuda"], env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1
+    assert "Traceback" not in out.stderr
+    assert out.stderr.strip() == "error: device_type='cuda' requested but torch sees no CUDA device"
+
+
+# ---- MFU accounting -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("name", "flops"), [
+    ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12), ("NVIDIA H100 NVL", 835e12),
+    ("NVIDIA H200", 989e12), ("NVIDIA A100-SXM4-80GB", 312e12), ("NVIDIA A100 80GB PCIe", 312e12),
+    ("NVIDIA B200", 2250e12), ("Tesla T4", None), ("NVIDIA GeForce GTX 1080", None),
+])
+def test_mfu_denominator_is_the_peak_of_the_gpu_in_use(name: str, flops: float | None) -> None:
+    assert peak_flops(name) == flops
+
+
+def test_progress_line_mfu_is_model_flops_over_the_peak_of_all_gpus() -> None:
+    loop = LoopState()
+    # 1e9 FLOPs/token x 2**19 tokens in 1 s on 8 GPUs of 1e15 FLOP/s each: 2**19 / 8e6 of the peak
+    line = progress_line(5, 10, 2.5, 1.0, 2**19, loop, 1e9, 1e15, 8)
+    mfu = float(re.search(r"\| mfu ([\d.]+)%", line).group(1))  # type: ignore[union-attr]
+    assert mfu == pytest.approx(100 * 2**19 / 8e6, abs=0.01)
+    assert "mfu" not in progress_line(5, 10, 2.5, 1.0, 2**19, loop, 1e9, None, 8)
+
+
+def test_fp8_on_a_gpu_without_fp8_tensor_cores_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An A100 has CUDA but no fp8 GEMMs: refuse before building the model, not deep inside _scaled_mm."""
+    monkeypatch.setattr(fp8, "scaled_mm_supported", lambda device: False)
+    with pytest.raises(ValueError, match="compute capability >= 8.9"):
+        check_fp8_device(torch.device("cuda"))
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        check_fp8_device(torch.device("cpu"))
 
 
 # ---- end to end on CPU ------------------------------------------------------------------------
@@ -264,6 +309,13 @@ def test_resume_rejects_a_different_model(full_run: tuple[Path, dict, str], work
         train(tiny_config(workspace, "run_full", resume=True, depth=3))
     with pytest.raises(FileNotFoundError):
         train(tiny_config(workspace, "no_such_run", resume=True))
+
+
+def test_resume_past_the_planned_iterations_is_a_clear_error(full_run: tuple[Path, dict, str], workspace: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(workspace / "base"))
+    with pytest.raises(ValueError, match="at step 20, past this run's 15 iterations"):
+        train(tiny_config(workspace, "run_full", resume=True, num_iterations=15))
 
 
 def test_resume_with_another_number_of_ranks_is_a_clear_error(full_run: tuple[Path, dict, str], workspace: Path,

@@ -23,8 +23,11 @@ def stack_frames(frames: torch.Tensor, stack: int, drop_remainder: bool = True) 
 
     Trailing frames that do not fill a whole group are dropped, or rejected when drop_remainder=False.
     """
-    if frames.dim() != 3:
-        raise ValueError(f"frames must have shape (B, T_frames, D), got {tuple(frames.shape)}")
+    if isinstance(stack, bool) or not isinstance(stack, int) or stack < 1:
+        raise ValueError(f"stack must be a positive int, got {stack!r}")
+    if not isinstance(frames, torch.Tensor) or frames.dim() != 3:
+        shape = tuple(frames.shape) if isinstance(frames, torch.Tensor) else type(frames).__name__
+        raise ValueError(f"frames must be a tensor of shape (B, T_frames, D), got {shape}")
     batch, num_frames, dim = frames.shape
     remainder = num_frames % stack
     if num_frames < stack:

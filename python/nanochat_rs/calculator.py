@@ -234,7 +234,9 @@ def evaluate(expression: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> Evaluatio
         return Evaluation(None, str(e))
     except ZeroDivisionError:
         return Evaluation(None, "division by zero")
-    except (OverflowError, ValueError, TypeError, ArithmeticError, RecursionError, MemoryError) as e:
+    except OverflowError:  # float arithmetic past ~1.8e308
+        return Evaluation(None, "result overflowed (not a finite number)")
+    except (ValueError, TypeError, ArithmeticError, RecursionError, MemoryError) as e:
         return Evaluation(None, f"cannot compute: {e.__class__.__name__}: {e}")
 
 

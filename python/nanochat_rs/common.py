@@ -46,6 +46,10 @@ def base_dir() -> Path:
     return path
 
 
+class DeviceUnavailableError(RuntimeError):
+    """The requested device type exists in torch but not on this machine (a setup problem, not a bug)."""
+
+
 def autodetect_device_type() -> str:
     if torch.cuda.is_available():
         return "cuda"
@@ -89,9 +93,9 @@ def compute_init(device_type: str | None = None, seed: int = 42) -> tuple[DistIn
     if device_type not in ("cuda", "cpu", "mps"):
         raise ValueError(f"device_type must be 'cuda', 'cpu' or 'mps', got {device_type!r}")
     if device_type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device_type='cuda' requested but torch sees no CUDA device")
+        raise DeviceUnavailableError("device_type='cuda' requested but torch sees no CUDA device")
     if device_type == "mps" and not torch.backends.mps.is_available():
-        raise RuntimeError("device_type='mps' requested but MPS is not available")
+        raise DeviceUnavailableError("device_type='mps' requested but MPS is not available")
 
     torch.manual_seed(seed)
     if device_type == "cuda":

@@ -130,15 +130,19 @@ def _render_assistant(builder: _Builder, content: str | list[Mapping[str, str]])
     builder.special("<|assistant_end|>", 1)
 
 
+def _render_user(builder: _Builder, text: str) -> None:
+    builder.special("<|user_start|>", 0)
+    builder.text(text, 0)
+    builder.special("<|user_end|>", 0)
+
+
 def _render(tokenizer: ChatTokenizer, turns: list[tuple[str, Any]]) -> _Builder:
     builder = _Builder(tokenizer)
     builder.ids.append(tokenizer.bos_token_id)
     builder.mask.append(0)
     for role, content in turns:
         if role == "user":
-            builder.special("<|user_start|>", 0)
-            builder.text(content, 0)
-            builder.special("<|user_end|>", 0)
+            _render_user(builder, content)
         else:
             _render_assistant(builder, content)
     return builder
@@ -160,5 +164,19 @@ def render_for_completion(tokenizer: ChatTokenizer, messages: Sequence[Mapping[s
     if turns[-1][0] == "assistant":
         turns = turns[:-1]
     builder = _render(tokenizer, turns)
+    builder.special("<|assistant_start|>", 0)
+    return builder.ids
+
+
+def render_next_turn(tokenizer: ChatTokenizer, user_text: str) -> list[int]:
+    """Ids that extend a rendered conversation (ending in <|assistant_end|>, or just <|bos|>) by one
+    user message and prime the reply: <|user_start|> text <|user_end|> <|assistant_start|>.
+
+    For chat front ends that keep the conversation as tokens, so the assistant's replies stay
+    exactly as generated instead of being re-encoded from their text."""
+    if not isinstance(user_text, str):
+        raise ValueError(f"user_text must be a str, got {type(user_text).__name__}")
+    builder = _Builder(tokenizer)
+    _render_user(builder, user_text)
     builder.special("<|assistant_start|>", 0)
     return builder.ids

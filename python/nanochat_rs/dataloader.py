@@ -86,15 +86,18 @@ class DocumentStream:
         self._num_threads = num_threads
         self.cursor = cursor
         self._loaded: tuple[int, pa.ChunkedArray] | None = None  # (row group index, its text column)
-        self._parquet: dict[int, pq.ParquetFile] = {}
+        # Only the file being read stays open: a dataset can have thousands of shards (and fds).
+        self._parquet: tuple[int, pq.ParquetFile] | None = None
         self._empty_streak = 0  # consecutive row groups without a single document
 
     def _column(self, index: int) -> pa.ChunkedArray:
         if self._loaded is None or self._loaded[0] != index:
             file_index, group = self._row_groups[index]
-            if file_index not in self._parquet:
-                self._parquet[file_index] = pq.ParquetFile(self._files[file_index])
-            parquet = self._parquet[file_index]
+            if self._parquet is None or self._parquet[0] != file_index:
+                if self._parquet is not None:
+                    self._parquet[1].close()
+                self._parquet = (file_index, pq.ParquetFile(self._files[file_index]))
+            parquet = self._parquet[1]
             if TEXT_COLUMN not in parquet.schema_arrow.names:
                 raise ValueError(f"{self._files[file_index]} has no {TEXT_COLUMN!r} column "
                                  f"(columns: {parquet.schema_arrow.names})")
@@ -259,6 +262,8 @@ def _resume(state: Mapping[str, Any], identity: dict[str, Any], packer: BestFitP
     if values["index"] >= identity["num_row_groups"]:
         raise ValueError(f"resume_state['cursor'] points at row group {values['index']} of "
                          f"{identity['num_row_groups']}")
+    if "packer" not in state:
+        raise ValueError("resume_state has no 'packer' state")
     packer.load_state_dict(state["packer"])
     return Cursor(**values)
 

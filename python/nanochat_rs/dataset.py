@@ -281,9 +281,16 @@ def download_shards(indices: int | Iterable[int], *, workers: int = 4, **kwargs:
 
     Keyword arguments go to `download_shard`. Returns the paths in the order of `indices`.
     """
-    wanted = list(range(indices)) if isinstance(indices, int) else [int(i) for i in indices]
-    if isinstance(indices, int) and indices < 0:
-        raise ValueError(f"number of shards must be >= 0, got {indices}")
+    if isinstance(indices, bool):
+        raise ValueError("indices must be a number of shards or an iterable of shard indices, got a bool")
+    if isinstance(indices, int):
+        if indices < 0:
+            raise ValueError(f"number of shards must be >= 0, got {indices}")
+        wanted = list(range(indices))
+    else:
+        wanted = list(indices)
+        for index in wanted:  # all checked before any download starts; int() would turn 2.5 into 2
+            shard_filename(index)
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
     with ThreadPoolExecutor(max_workers=min(workers, max(1, len(wanted)))) as pool:

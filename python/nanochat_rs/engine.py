@@ -128,15 +128,18 @@ class Engine:
         steps = 0
         while True:
             with torch.inference_mode():
-                sampled = sample_next_token(logits, generator, temperature, top_k).tolist()
+                sampled_ids = sample_next_token(logits, generator, temperature, top_k)
+            sampled = sampled_ids.tolist()  # the one device sync per step
             column, masks = self._advance_rows(rows, sampled)
             steps += 1
             yield column, masks
             if all(row.done for row in rows) or steps == max_tokens or cache.get_pos() >= cache_len:
                 return
             with torch.inference_mode():
-                ids = torch.tensor(column, dtype=torch.long, device=device).unsqueeze(1)
-                logits = self.model(ids, kv_cache=cache)[:, -1, :]
+                # feed the sampled ids still on the device unless a row was overridden (forced tool
+                # output or a repeated stop token): saves a host-to-device copy on most steps
+                ids = sampled_ids if column == sampled else torch.tensor(column, dtype=torch.long, device=device)
+                logits = self.model(ids.unsqueeze(1), kv_cache=cache)[:, -1, :]
 
     def _prefill(self, prompt: list[int], num_samples: int, cache_len: int,
                  device: torch.device) -> tuple[KVCache, torch.Tensor]:

@@ -39,8 +39,12 @@ import torch.distributed as dist
 from nanochat_rs.common import DistInfo, base_dir, compute_cleanup, compute_init, is_ddp_initialized, print0
 from nanochat_rs.gpt import GPT, GPTConfig, config_for_depth
 
-H100_BF16_PEAK_FLOPS = 989e12
-"""Dense bf16 peak of one H100 SXM, the denominator of MFU."""
+# Dense (non-sparse) bf16 tensor-core peak FLOP/s by a fragment of the CUDA device name: the
+# denominator of MFU. First match wins, so the PCIe/NVL H100 variants come before plain "H100".
+PEAK_BF16_FLOPS: tuple[tuple[str, float], ...] = (
+    ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12), ("H800", 989e12),
+    ("B200", 2250e12), ("A100", 312e12), ("A800", 312e12), ("L40S", 362e12),
+)
 
 REFERENCE_DEPTH = 12
 REFERENCE_BATCH_TOKENS = 2**19
@@ -223,13 +227,32 @@ def _load_tokenizer(config: TrainConfig) -> tuple[Any, Path]:
     return get_tokenizer(directory), directory.resolve()
 
 
+def peak_flops(device_name: str) -> float | None:
+    """Dense bf16 peak FLOP/s of a CUDA device from its name; None when the device is not in the table."""
+    for fragment, flops in PEAK_BF16_FLOPS:
+        if fragment.lower() in device_name.lower():
+            return flops
+    return None
+
+
+def check_fp8_device(device: torch.device) -> None:
+    """fp8 needs torch._scaled_mm on a GPU with fp8 tensor cores; say so before building anything."""
+    from nanochat_rs.fp8 import scaled_mm_supported
+
+    if device.type != "cuda":
+        raise ValueError("fp8 training needs a CUDA device (torch._scaled_mm)")
+    if not scaled_mm_supported(device):
+        raise ValueError("fp8 training needs fp8 tensor cores (CUDA compute capability >= 8.9, e.g. H100), "
+                         "which this GPU lacks; train without --fp8")
+
+
 def _build_model(plan: TrainPlan, config: TrainConfig, device: torch.device) -> torch.nn.Module:
     from nanochat_rs.checkpoint import build_model
 
+    if config.fp8:
+        check_fp8_device(device)
     model = build_model(plan.model_config, device)
     if config.fp8:
-        if device.type != "cuda":
-            raise ValueError("fp8 training needs a CUDA device (torch._scaled_mm)")
         from nanochat_rs.fp8 import convert_to_float8_training
 
         # Block matmuls only: the lm_head feeds the soft-capped logits and stays in high precision.
@@ -260,6 +283,9 @@ def _resume(run_dir: Path, config: TrainConfig, plan: TrainPlan, model: torch.nn
     from nanochat_rs.checkpoint import CheckpointError, load_checkpoint
 
     model_state, optim_state, meta = load_checkpoint(run_dir, config.resume_step, device=device)
+    if meta["step"] > plan.num_iterations:
+        raise ValueError(f"cannot resume: the checkpoint is at step {meta['step']}, past this run's "
+                         f"{plan.num_iterations} iterations; pass num_iterations >= {meta['step']}")
     if meta["model_config"] != plan.model_config:
         raise ValueError(f"cannot resume: the checkpoint's model {meta['model_config']} differs from this "
                          f"run's {plan.model_config}; pass the same depth/preset/seq_len as the original run")
@@ -328,12 +354,12 @@ def _save(run_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.opt
     print0(f"Saved checkpoint {path}")
 
 
-def _progress_line(step: int, num_iterations: int, loss: float, dt: float, tokens: int, loop: LoopState,
-                   flops_per_token: float, info: DistInfo, device: torch.device) -> str:
+def progress_line(step: int, num_iterations: int, loss: float, dt: float, tokens: int, loop: LoopState,
+                  flops_per_token: float, peak_flops_per_gpu: float | None, world_size: int) -> str:
     line = (f"step {step:05d}/{num_iterations:05d} ({100 * step / num_iterations:5.1f}%) | loss {loss:.6f} | "
             f"dt {dt * 1000:8.1f} ms | tok/s {tokens / dt:,.0f}")
-    if device.type == "cuda":
-        mfu = flops_per_token * tokens / dt / (H100_BF16_PEAK_FLOPS * info.world_size)
+    if peak_flops_per_gpu is not None:
+        mfu = flops_per_token * tokens / dt / (peak_flops_per_gpu * world_size)
         line += f" | mfu {100 * mfu:.2f}%"
     if loop.timed_steps:
         eta = (num_iterations - step) * loop.training_time_s / loop.timed_steps
@@ -350,6 +376,17 @@ def _close(batches: Any) -> None:
     close = getattr(batches, "close", None)
     if close is not None:
         close()
+
+
+def _device_peak_flops(device: torch.device) -> float | None:
+    """MFU's denominator on CUDA (None elsewhere, or for a GPU not in PEAK_BF16_FLOPS: no MFU shown)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    flops = peak_flops(name)
+    if flops is None:
+        print0(f"Note: no bf16 peak FLOP/s known for {name}; the progress line will omit MFU")
+    return flops
 
 
 def _sync(device: torch.device) -> None:
@@ -389,6 +426,7 @@ def _train(config: TrainConfig, info: DistInfo, device: torch.device) -> dict[st
     start_step = step
     train_model = torch.compile(model, dynamic=False) if config.compile else model
     flops_per_token = float(model.estimate_flops())
+    peak_flops_per_gpu = _device_peak_flops(device)
     _print_plan(config, plan, run_dir, tokenizer.vocab_size)
 
     batches = tokenizing_data_loader(tokenizer, config.device_batch_size, config.seq_len, "train",
@@ -434,8 +472,8 @@ def _train(config: TrainConfig, info: DistInfo, device: torch.device) -> dict[st
             loop.smooth_loss = LOSS_EMA_BETA * loop.smooth_loss + (1 - LOSS_EMA_BETA) * loss_value
             step += 1
             debiased = loop.smooth_loss / (1 - LOSS_EMA_BETA**step)
-            print0(_progress_line(step, num_iterations, debiased, dt, plan.total_batch_size, loop,
-                                  flops_per_token, info, device))
+            print0(progress_line(step, num_iterations, debiased, dt, plan.total_batch_size, loop,
+                                 flops_per_token, peak_flops_per_gpu, info.world_size))
     finally:
         _close(batches)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -44,8 +45,10 @@ def check_sampling_args(max_tokens: object, temperature: object, top_k: object, 
     if not (max_tokens is None and max_tokens_optional) and (not _is_int(max_tokens) or max_tokens < 0):
         expected = "a non-negative int or None" if max_tokens_optional else "a non-negative int"
         raise ValueError(f"max_tokens must be {expected}, got {max_tokens!r}")
-    if isinstance(temperature, bool) or not isinstance(temperature, int | float) or not temperature >= 0:
-        raise ValueError(f"temperature must be a number >= 0, got {temperature!r}")
+    # inf would turn every logit into 0 (or NaN next to a top-k mask) rather than mean "uniform"
+    if (isinstance(temperature, bool) or not isinstance(temperature, int | float) or not temperature >= 0
+            or not math.isfinite(temperature)):
+        raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
     if top_k is not None and (not _is_int(top_k) or top_k < 1):
         raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
     if not _is_int(seed):

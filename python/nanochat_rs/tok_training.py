@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from nanochat_rs.tokenizer import Tokenizer
@@ -70,7 +72,7 @@ def bytes_per_token(tokenizer: Tokenizer, shard: Path, max_docs: int | None = No
     if max_docs is not None:
         column = column.slice(0, max_docs)
     tokens, _ = tokenizer.encode_arrow(column)
-    n_bytes = sum(len(t.encode("utf-8")) for t in column.to_pylist() if t)
+    n_bytes = pc.sum(pc.binary_length(column)).as_py() or 0  # computed in Arrow: no per-row str objects
     return n_bytes / max(len(tokens), 1)
 
 
@@ -98,13 +100,18 @@ def train_on_shards(train_shards: list[Path], val_shard: Path | None, vocab_size
 
 
 def _bytes_of_first_chars(shards: list[Path], chars: int, doc_cap: int) -> int:
-    """UTF-8 bytes of the text the trainer read (documents in order, each capped)."""
+    """UTF-8 bytes of the text the trainer read: documents in order, each capped to `doc_cap` chars,
+    up to and including the one that reached `chars` (the trainer's budget rule). Computed with Arrow
+    kernels, as re-reading gigabytes of text as Python str would take longer than the training."""
     total_bytes, remaining = 0, chars
     for column in iter_text_columns(shards):
-        for text in column.to_pylist():
-            if remaining <= 0:
-                return total_bytes
-            text = (text or "")[:doc_cap]
-            total_bytes += len(text.encode("utf-8"))
-            remaining -= len(text)
+        if remaining <= 0:
+            break
+        capped = pc.utf8_slice_codeunits(column, 0, doc_cap)  # slices by code point, like the trainer
+        doc_chars = pc.fill_null(pc.utf8_length(capped), 0).to_numpy()
+        doc_bytes = pc.fill_null(pc.binary_length(capped), 0).to_numpy()
+        chars_before = np.cumsum(doc_chars) - doc_chars
+        taken = int(np.searchsorted(chars_before, remaining, side="left"))  # docs started within budget
+        total_bytes += int(doc_bytes[:taken].sum())
+        remaining -= int(doc_chars[:taken].sum())
     return total_bytes

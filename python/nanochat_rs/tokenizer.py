@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import json
+import operator
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -62,6 +63,8 @@ def _arrow_buffers(chunk: Any) -> tuple[np.ndarray, np.ndarray]:
     import pyarrow as pa
     import pyarrow.compute as pc
 
+    if pa.types.is_dictionary(chunk.type):  # e.g. parquet read with read_dictionary=["text"]
+        chunk = chunk.dictionary_decode()
     if pa.types.is_string_view(chunk.type):
         chunk = chunk.cast(pa.large_string())
     if not (pa.types.is_string(chunk.type) or pa.types.is_large_string(chunk.type)):
@@ -290,9 +293,11 @@ class Tokenizer:
 
     def decode(self, ids: Iterable[int]) -> str:
         """Text of the ids (special tokens as their names); invalid UTF-8 becomes U+FFFD."""
+        if isinstance(ids, str | bytes):
+            raise TypeError(f"decode takes an iterable of int token ids, not {type(ids).__name__}")
         try:
-            id_list = [int(i) for i in ids]
-        except (TypeError, ValueError):
+            id_list = [operator.index(i) for i in ids]  # int() would silently truncate 3.7 to 3
+        except TypeError:
             raise TypeError("decode takes an iterable of int token ids") from None
         return self._encoder.decode_bytes(id_list).decode("utf-8", errors="replace")
 
@@ -331,17 +336,20 @@ class Tokenizer:
             raise ValueError(f"{meta_path} is not a nanochat_rs tokenizer")
         if meta.get("version") != _FORMAT_VERSION:
             raise ValueError(f"{meta_path} has format version {meta.get('version')}, expected {_FORMAT_VERSION}")
+        if not isinstance(meta.get("pattern"), str):
+            raise ValueError(f"{meta_path} has no split pattern (a 'pattern' string)")
         if tuple(meta.get("special_tokens", ())) != SPECIAL_TOKENS:
             raise ValueError(f"{meta_path} lists special tokens {meta.get('special_tokens')}, "
                              f"expected {SPECIAL_TOKENS}")
         vocab: list[bytes] = []
         for line_no, line in enumerate(ranks_path.read_text().splitlines(), start=1):
             try:
-                token_b64, rank = line.split()
+                token_b64, rank_text = line.split()
                 token = base64.b64decode(token_b64, validate=True)
+                rank = int(rank_text)
             except ValueError:
                 raise ValueError(f"corrupt line {line_no} in {ranks_path}: {line[:80]!r}") from None
-            if int(rank) != len(vocab):
+            if rank != len(vocab):
                 raise ValueError(f"{ranks_path} line {line_no}: rank {rank} out of order (expected {len(vocab)})")
             vocab.append(token)
         if len(vocab) != meta.get("num_ranks"):

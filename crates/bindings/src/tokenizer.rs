@@ -1,5 +1,7 @@
 //! Python skin over `nanochat_tokenizer`: type conversion, GIL release, errors as Python exceptions.
 
+use std::ops::ControlFlow;
+
 use nanochat_tokenizer::{train::vocab_bytes, ChunkCounter, Encoder, Splitter, TokenizerError, DEFAULT_PATTERN};
 use pyo3::buffer::PyBuffer;
 use pyo3::exceptions::{PyTypeError, PyValueError};
@@ -13,7 +15,8 @@ fn to_py_err(e: TokenizerError) -> PyErr {
     PyValueError::new_err(e.to_string())
 }
 
-/// Borrow every item of a Python list as `&str`, with a clear TypeError naming the first bad item.
+/// Copy every item of a Python list into a `String` (so the work can run without the GIL while
+/// the list stays mutable by other threads), with a clear TypeError naming the first bad item.
 fn list_of_str(texts: &Bound<'_, PyList>) -> PyResult<Vec<String>> {
     texts
         .iter()
@@ -28,37 +31,61 @@ fn list_of_str(texts: &Bound<'_, PyList>) -> PyResult<Vec<String>> {
         .collect()
 }
 
-/// Offsets of an Arrow string array: int32 for `string`, int64 for `large_string`.
+/// Offsets buffer of an Arrow string array: int32 for `string`, int64 for `large_string`.
 #[derive(FromPyObject)]
 enum ArrowOffsets {
     Small(PyBuffer<i32>),
     Large(PyBuffer<i64>),
 }
 
-/// View an Arrow string array (its data buffer and its `len + 1` offsets, already sliced to the
-/// array) as `&str`s, without copying the text.
-fn arrow_strs<'a>(data: &'a [u8], offsets: &[i64]) -> PyResult<Vec<&'a str>> {
-    let mut out = Vec::with_capacity(offsets.len().saturating_sub(1));
-    for (i, w) in offsets.windows(2).enumerate() {
-        let (start, end) = (w[0], w[1]);
-        if start < 0 || end < start || end as usize > data.len() {
+/// An Arrow string array borrowed from Python: its data bytes and its `len + 1` offsets (already
+/// sliced to the array). Borrowing needs the GIL; reading it ([`ArrowStrings::strs`]) does not.
+struct ArrowStrings<'a> {
+    data: &'a [u8],
+    offsets: ArrowOffsetSlice<'a>,
+}
+
+enum ArrowOffsetSlice<'a> {
+    Small(&'a [i32]),
+    Large(&'a [i64]),
+}
+
+impl<'a> ArrowStrings<'a> {
+    fn borrow(py: Python<'_>, data: &'a PyBuffer<u8>, offsets: &'a ArrowOffsets) -> PyResult<Self> {
+        let offsets = match offsets {
+            ArrowOffsets::Small(b) => ArrowOffsetSlice::Small(readonly_slice(py, b)?),
+            ArrowOffsets::Large(b) => ArrowOffsetSlice::Large(readonly_slice(py, b)?),
+        };
+        Ok(ArrowStrings { data: readonly_slice(py, data)?, offsets })
+    }
+
+    /// Every row as `&str` without copying the text; checks the offsets and the UTF-8 (which is
+    /// a pass over all the text, hence done without the GIL).
+    fn strs(&self) -> PyResult<Vec<&'a str>> {
+        match self.offsets {
+            ArrowOffsetSlice::Small(o) => rows_as_strs(self.data, o.iter().map(|&x| i64::from(x))),
+            ArrowOffsetSlice::Large(o) => rows_as_strs(self.data, o.iter().copied()),
+        }
+    }
+}
+
+fn rows_as_strs(data: &[u8], offsets: impl Iterator<Item = i64>) -> PyResult<Vec<&str>> {
+    let mut out = Vec::with_capacity(offsets.size_hint().0.saturating_sub(1));
+    let mut offsets = offsets.peekable();
+    let mut row = 0;
+    while let (Some(start), Some(&end)) = (offsets.next(), offsets.peek()) {
+        if start < 0 || end < start || end as u64 > data.len() as u64 {
             return Err(PyValueError::new_err(format!(
-                "arrow offsets are corrupt at row {i}: {start}..{end} with {} data bytes",
+                "arrow offsets are corrupt at row {row}: {start}..{end} with {} data bytes",
                 data.len()
             )));
         }
         let text = std::str::from_utf8(&data[start as usize..end as usize])
-            .map_err(|e| PyValueError::new_err(format!("arrow row {i} is not valid UTF-8: {e}")))?;
+            .map_err(|e| PyValueError::new_err(format!("arrow row {row} is not valid UTF-8: {e}")))?;
         out.push(text);
+        row += 1;
     }
     Ok(out)
-}
-
-fn offsets_as_i64(py: Python<'_>, offsets: &ArrowOffsets) -> PyResult<Vec<i64>> {
-    Ok(match offsets {
-        ArrowOffsets::Small(b) => readonly_slice(py, b)?.iter().map(|&o| o as i64).collect(),
-        ArrowOffsets::Large(b) => readonly_slice(py, b)?.to_vec(),
-    })
 }
 
 /// How many of `texts` fit a budget of `max_chars` (counting each after the `doc_cap` crop); the
@@ -78,27 +105,22 @@ fn take_within_budget<S: AsRef<str>>(texts: &[S], doc_cap: Option<usize>, max_ch
     (texts.len(), chars)
 }
 
+/// Count the documents that fit the budget; call without the GIL. Returns (documents, chars) used.
+fn count_within_budget<S: AsRef<str> + Sync>(
+    counter: &mut ChunkCounter,
+    texts: &[S],
+    doc_cap: Option<usize>,
+    max_chars: Option<u64>,
+) -> PyResult<(usize, u64)> {
+    let (n, chars) = take_within_budget(texts, doc_cap, max_chars);
+    counter.add_documents(&texts[..n], doc_cap).map_err(to_py_err)?;
+    Ok((n, chars))
+}
+
 /// Streaming BPE trainer: feed documents in batches, then `train`.
 #[pyclass(module = "nanochat_rs._native")]
 pub struct BpeTrainer {
     counter: ChunkCounter,
-}
-
-impl BpeTrainer {
-    fn add<S: AsRef<str> + Sync>(
-        &mut self,
-        py: Python<'_>,
-        texts: &[S],
-        doc_cap: Option<usize>,
-        max_chars: Option<u64>,
-    ) -> PyResult<(usize, u64)> {
-        let counter = &mut self.counter;
-        py.detach(|| {
-            let (n, chars) = take_within_budget(texts, doc_cap, max_chars);
-            counter.add_documents(&texts[..n], doc_cap).map_err(to_py_err)?;
-            Ok((n, chars))
-        })
-    }
 }
 
 #[pymethods]
@@ -120,7 +142,8 @@ impl BpeTrainer {
         max_chars: Option<u64>,
     ) -> PyResult<(usize, u64)> {
         let texts = list_of_str(texts)?;
-        self.add(py, &texts, doc_cap, max_chars)
+        let counter = &mut self.counter;
+        py.detach(|| count_within_budget(counter, &texts, doc_cap, max_chars))
     }
 
     /// Count an Arrow string array given as its data buffer and offsets (no per-string copies).
@@ -133,37 +156,38 @@ impl BpeTrainer {
         doc_cap: Option<usize>,
         max_chars: Option<u64>,
     ) -> PyResult<(usize, u64)> {
-        let data = readonly_slice(py, &data)?;
-        let offsets = offsets_as_i64(py, &offsets)?;
-        let texts = arrow_strs(data, &offsets)?;
-        self.add(py, &texts, doc_cap, max_chars)
+        let array = ArrowStrings::borrow(py, &data, &offsets)?;
+        let counter = &mut self.counter;
+        py.detach(|| count_within_budget(counter, &array.strs()?, doc_cap, max_chars))
     }
-
     #[getter]
     fn num_unique_chunks(&self) -> usize {
         self.counter.num_unique_chunks()
     }
 
     /// Learn `num_merges` merges; returns them as (left, right) pairs, merge i having id 256 + i.
-    /// `progress(done, total)` is called now and then (and lets Ctrl-C interrupt training).
+    /// `progress(done, total)` is called now and then; Ctrl-C or an exception raised by it stops
+    /// training right there and is re-raised.
     #[pyo3(signature = (num_merges, progress=None))]
     fn train(&self, py: Python<'_>, num_merges: usize, progress: Option<Py<PyAny>>) -> PyResult<Vec<(u32, u32)>> {
         let counter = &self.counter;
         let mut callback_error: Option<PyErr> = None;
         let merges = py.detach(|| {
             counter.train(num_merges, |done, total| {
-                if callback_error.is_some() {
-                    return;
-                }
-                Python::attach(|py| {
-                    let result = py.check_signals().and_then(|_| match &progress {
+                let result = Python::attach(|py| {
+                    py.check_signals()?;
+                    match &progress {
                         Some(cb) => cb.call1(py, (done, total)).map(|_| ()),
                         None => Ok(()),
-                    });
-                    if let Err(e) = result {
-                        callback_error = Some(e);
                     }
                 });
+                match result {
+                    Ok(()) => ControlFlow::Continue(()),
+                    Err(e) => {
+                        callback_error = Some(e);
+                        ControlFlow::Break(())
+                    }
+                }
             })
         });
         match callback_error {
@@ -259,12 +283,12 @@ impl PyEncoder {
         prepend: Option<u32>,
         num_threads: Option<usize>,
     ) -> PyResult<(Bound<'py, PyBytes>, Bound<'py, PyBytes>)> {
-        let data = readonly_slice(py, &data)?;
-        let offsets = offsets_as_i64(py, &offsets)?;
-        let texts = arrow_strs(data, &offsets)?;
+        let array = ArrowStrings::borrow(py, &data, &offsets)?;
         let inner = &self.inner;
-        let (tokens, offsets) =
-            py.detach(|| in_pool(num_threads, || inner.encode_flat(&texts, prepend)))?.map_err(to_py_err)?;
+        let (tokens, offsets) = py.detach(|| {
+            let texts = array.strs()?;
+            in_pool(num_threads, || inner.encode_flat(&texts, prepend))?.map_err(to_py_err)
+        })?;
         Ok((u32_bytes(py, &tokens), i64_bytes(py, &offsets)))
     }
 

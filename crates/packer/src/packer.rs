@@ -202,7 +202,8 @@ impl Packer {
     fn check_batch(&self, inputs_len: usize, targets_len: usize) -> Result<usize, PackError> {
         let (text_len, seq_len) = (self.config.text_len(), self.config.seq_len);
         let rows = inputs_len / text_len;
-        if rows == 0 || inputs_len != rows * text_len || targets_len != rows * seq_len {
+        // checked: with a huge audio prefix, `rows * seq_len` could overflow where `rows * text_len` does not
+        if rows == 0 || inputs_len != rows * text_len || rows.checked_mul(seq_len) != Some(targets_len) {
             return Err(PackError::BatchShape(format!(
                 "need inputs of B * {text_len} and targets of B * {seq_len} values with B >= 1, \
                  got {inputs_len} and {targets_len}"
@@ -500,5 +501,9 @@ mod tests {
         assert!(matches!(p.pack_into(&mut a, &mut b), Err(PackError::BatchShape(_))));
         let mut empty: Vec<i64> = vec![];
         assert!(matches!(p.pack_into(&mut empty, &mut b), Err(PackError::BatchShape(_))));
+        // rows * seq_len overflows usize here; it must be a shape error, not an overflow panic.
+        let mut huge = packer(usize::MAX / 2, 1, usize::MAX / 2 - 1);
+        let mut inputs = vec![0i64; 3];
+        assert!(matches!(huge.pack_into(&mut inputs, &mut b), Err(PackError::BatchShape(_))));
     }
 }

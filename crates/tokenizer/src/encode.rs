@@ -4,10 +4,16 @@
 //! the leftmost one on ties, until no adjacent pair is a token. Looking ranks up by *bytes* (not by
 //! the pair of ids a merge was learnt from) is what tiktoken does, and is needed to be bit-identical.
 
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+
 use rayon::prelude::*;
 use rustc_hash::FxHashMap;
 
 use crate::{Splitter, TokenizerError};
+
+/// Chunks up to this many bytes are merged by rescanning (fast when short), longer ones with a heap.
+const LINEAR_MERGE_MAX_LEN: usize = 64;
 
 /// Byte-level BPE encoder over mergeable ranks (ids `0..n`), with special tokens after them.
 #[derive(Debug, Clone)]
@@ -37,8 +43,13 @@ impl Encoder {
         if let Some(id) = vocab.iter().position(|b| b.is_empty()) {
             return Err(TokenizerError::InvalidRanks(format!("token {id} has no bytes")));
         }
-        // Later ids win on duplicate bytes, as a Python dict built from the same list would.
-        let ranks = vocab.iter().enumerate().map(|(id, bytes)| (bytes.clone(), id as u32)).collect();
+        let mut ranks = FxHashMap::with_capacity_and_hasher(vocab.len(), Default::default());
+        for (id, bytes) in vocab.iter().enumerate() {
+            // A token listed twice would make the ranks (and tiktoken's export) ambiguous.
+            if let Some(first) = ranks.insert(bytes.clone(), id as u32) {
+                return Err(TokenizerError::InvalidRanks(format!("token {id} repeats the bytes of token {first}")));
+            }
+        }
         Ok(Encoder { splitter, ranks, vocab, specials })
     }
 
@@ -162,6 +173,16 @@ impl Encoder {
 
     /// Byte-pair merge one chunk that is not itself a token.
     fn merge_piece(&self, piece: &[u8], out: &mut Vec<u32>) {
+        if piece.len() <= LINEAR_MERGE_MAX_LEN {
+            self.merge_piece_linear(piece, out);
+        } else {
+            self.merge_piece_heap(piece, out);
+        }
+    }
+
+    /// tiktoken's algorithm: rescan all join ranks after every merge. Fastest for the short chunks
+    /// that make up almost all text, but quadratic in the chunk length.
+    fn merge_piece_linear(&self, piece: &[u8], out: &mut Vec<u32>) {
         // Part i spans piece[bounds[i]..bounds[i + 1]]; join_rank[i] is the rank of parts i and i+1
         // joined (u32::MAX if that is not a token).
         let mut bounds: Vec<usize> = (0..=piece.len()).collect();
@@ -189,6 +210,56 @@ impl Encoder {
         // Every part is a single byte or the result of a merge of two tokens, so it has a rank.
         out.extend(bounds.windows(2).map(|w| self.rank(&piece[w[0]..w[1]])));
     }
+
+    /// The same merges in O(n log n), for long chunks (a long run of letters or whitespace is one
+    /// chunk, and web text has runs of megabytes that would take the linear rescan hours).
+    ///
+    /// Parts form a linked list by start offset; a min-heap holds candidate joins as
+    /// `(rank, start, end)`, so the lowest rank wins and, among equal ranks, the leftmost, exactly as
+    /// in the rescan. A candidate is stale unless a live part still starts at `start` and it and its
+    /// right neighbour still end at `end`; if so the joined bytes, hence the rank, are unchanged.
+    fn merge_piece_heap(&self, piece: &[u8], out: &mut Vec<u32>) {
+        let n = piece.len();
+        // next_start[s]: where the part starting at s ends (n for the last part).
+        let mut next_start: Vec<usize> = (1..=n).collect();
+        let mut prev_start: Vec<usize> = (0..n).map(|s| s.wrapping_sub(1)).collect();
+        let mut alive = vec![true; n];
+        let mut heap: BinaryHeap<Reverse<(u32, usize, usize)>> = (0..n.saturating_sub(1))
+            .filter_map(|s| {
+                let rank = self.rank(&piece[s..s + 2]);
+                (rank != u32::MAX).then_some(Reverse((rank, s, s + 2)))
+            })
+            .collect();
+        while let Some(Reverse((_, start, end))) = heap.pop() {
+            let mid = next_start[start];
+            if !alive[start] || mid >= n || next_start[mid] != end {
+                continue;
+            }
+            alive[mid] = false;
+            next_start[start] = end;
+            if end < n {
+                prev_start[end] = start;
+                let after = next_start[end];
+                let rank = self.rank(&piece[start..after]);
+                if rank != u32::MAX {
+                    heap.push(Reverse((rank, start, after)));
+                }
+            }
+            if start > 0 {
+                let before = prev_start[start];
+                let rank = self.rank(&piece[before..end]);
+                if rank != u32::MAX {
+                    heap.push(Reverse((rank, before, end)));
+                }
+            }
+        }
+        let mut start = 0;
+        while start < n {
+            let end = next_start[start];
+            out.push(self.rank(&piece[start..end]));
+            start = end;
+        }
+    }
 }
 
 #[cfg(test)]
@@ -200,7 +271,7 @@ mod tests {
     fn trained(docs: &[&str], merges: usize) -> Encoder {
         let mut counter = ChunkCounter::new(Splitter::Default);
         counter.add_documents(docs, None).unwrap();
-        let merges = counter.train(merges, |_, _| {});
+        let merges = counter.train(merges, |_, _| std::ops::ControlFlow::Continue(()));
         Encoder::new(vocab_bytes(&merges), vec!["<|bos|>".into()], Splitter::Default).unwrap()
     }
 
@@ -241,8 +312,43 @@ mod tests {
         }
     }
 
+    #[test]
+    fn rejects_repeated_tokens() {
+        let mut vocab = vocab_bytes(&[(97, 98)]);
+        vocab.push(b"ab".to_vec());
+        let err = Encoder::new(vocab, vec![], Splitter::Default).unwrap_err();
+        assert_eq!(err, TokenizerError::InvalidRanks("token 257 repeats the bytes of token 256".into()));
+    }
+
+    #[test]
+    fn long_chunks_take_the_heap_path_and_agree_with_the_linear_scan() {
+        // 20 kB in one chunk: far past the heap threshold, still small enough for the O(n^2) scan.
+        let enc = trained(&["abababab cdcdcd abcd aaaa bbbb"], 40);
+        let text = "abcd".repeat(5_000);
+        let (mut linear, mut heap) = (Vec::new(), Vec::new());
+        enc.merge_piece_linear(text.as_bytes(), &mut linear);
+        enc.merge_piece_heap(text.as_bytes(), &mut heap);
+        assert_eq!(heap, linear);
+        let ids = enc.encode(&text).unwrap();
+        assert_eq!(enc.decode_bytes(&ids).unwrap(), text.as_bytes());
+    }
+
+    fn piece_strategy() -> impl Strategy<Value = Vec<u8>> {
+        // Few distinct bytes so that merges, ties between equal ranks and overlaps are common.
+        prop::collection::vec(prop::sample::select(b"aabbc d".to_vec()), 2..300)
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(300))]
+        #[test]
+        fn heap_merge_equals_linear_merge(piece in piece_strategy(), merges in 0usize..80) {
+            let enc = trained(&["aaaa abab bbbb ab ba aab abba cabd aaaaaaa bababab dd cc"], merges);
+            let (mut linear, mut heap) = (Vec::new(), Vec::new());
+            enc.merge_piece_linear(&piece, &mut linear);
+            enc.merge_piece_heap(&piece, &mut heap);
+            prop_assert_eq!(heap, linear);
+        }
+
         #[test]
         fn decode_inverts_encode(text in ".{0,80}") {
             let enc = trained(&["the quick brown fox jumps over the lazy dog 12 34 'll"], 60);

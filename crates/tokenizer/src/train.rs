@@ -16,6 +16,7 @@
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
+use std::ops::ControlFlow;
 
 use rayon::prelude::*;
 use rustc_hash::FxHashMap;
@@ -107,8 +108,9 @@ impl ChunkCounter {
     }
 
     /// Learn up to `num_merges` merges. Merge `i` creates token id `256 + i`. Stops early when no
-    /// pair occurs any more. `progress(done, total)` is called about a hundred times.
-    pub fn train(&self, num_merges: usize, progress: impl FnMut(usize, usize)) -> Vec<Pair> {
+    /// pair occurs any more, or when `progress(done, total)` (called about a hundred times) breaks,
+    /// e.g. on Ctrl-C: a long training run must not keep going after the caller gave up on it.
+    pub fn train(&self, num_merges: usize, progress: impl FnMut(usize, usize) -> ControlFlow<()>) -> Vec<Pair> {
         let mut words = Words::from_counts(self.counts());
         words.train(num_merges, progress)
     }
@@ -134,7 +136,7 @@ impl Words {
         words
     }
 
-    fn train(&mut self, num_merges: usize, mut progress: impl FnMut(usize, usize)) -> Vec<Pair> {
+    fn train(&mut self, num_merges: usize, mut progress: impl FnMut(usize, usize) -> ControlFlow<()>) -> Vec<Pair> {
         let mut counts: FxHashMap<u64, i64> = FxHashMap::default();
         let mut index: FxHashMap<u64, Vec<u32>> = FxHashMap::default();
         for w in 0..self.len.len() {
@@ -150,7 +152,8 @@ impl Words {
             counts.iter().filter(|(_, &c)| c > 0).map(|(&k, &c)| (c, Reverse(k))).collect();
 
         let report_every = (num_merges / 100).max(1);
-        let mut merges = Vec::with_capacity(num_merges);
+        // Every merge removes at least one symbol, which bounds the merges whatever was asked for.
+        let mut merges = Vec::with_capacity(num_merges.min(self.symbols.len()));
         let mut created: Vec<u64> = Vec::new();
         while merges.len() < num_merges {
             let Some((count, Reverse(key))) = heap.pop() else { break };
@@ -178,8 +181,9 @@ impl Words {
                     heap.push((c, Reverse(k)));
                 }
             }
-            if merges.len() % report_every == 0 || merges.len() == num_merges {
-                progress(merges.len(), num_merges);
+            let report = merges.len() % report_every == 0 || merges.len() == num_merges;
+            if report && progress(merges.len(), num_merges).is_break() {
+                break;
             }
         }
         merges
@@ -305,7 +309,7 @@ mod tests {
     #[test]
     fn merges_most_frequent_pair_first_with_ties_to_the_smaller_pair() {
         let counter = counter_for(&["ab ab ab cd cd cd".to_string()]);
-        let merges = counter.train(3, |_, _| {});
+        let merges = counter.train(3, |_, _| ControlFlow::Continue(()));
         // Chunks "ab" x1, " ab" x2, " cd" x3: (a,b), ( ,c) and (c,d) all occur 3 times; ( ,c) is smallest.
         let mut chunks = HashMap::new();
         for (c, n) in counter.counts() {
@@ -318,7 +322,19 @@ mod tests {
     #[test]
     fn stops_when_no_pair_is_left() {
         let counter = counter_for(&["a\nb".to_string()]);
-        assert!(counter.train(10, |_, _| {}).is_empty());
+        assert!(counter.train(10, |_, _| ControlFlow::Continue(())).is_empty());
+    }
+
+    #[test]
+    fn progress_can_stop_training_early() {
+        let counter = counter_for(&["abcdefghijklmnopqrstuvwxyz ".repeat(50)]);
+        let mut calls = Vec::new();
+        let merges = counter.train(200, |done, total| {
+            calls.push((done, total));
+            ControlFlow::Break(())
+        });
+        assert_eq!(calls, vec![(2, 200)]);
+        assert_eq!(merges.len(), 2);
     }
 
     #[test]
@@ -349,7 +365,7 @@ mod tests {
             for (c, n) in counter.counts() {
                 chunks.insert(c.bytes().map(u32::from).collect::<Vec<_>>(), n as i64);
             }
-            prop_assert_eq!(counter.train(num_merges, |_, _| {}), reference_train(&chunks, num_merges));
+            prop_assert_eq!(counter.train(num_merges, |_, _| ControlFlow::Continue(())), reference_train(&chunks, num_merges));
         }
 
         #[test]
