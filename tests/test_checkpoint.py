@@ -18,6 +18,7 @@ from nanochat_rs.checkpoint import (
     find_steps,
     load_checkpoint,
     load_model,
+    loader_filename,
     optim_filename,
     save_checkpoint,
     step_dir,
@@ -56,7 +57,8 @@ def test_round_trip(tmp_path: Path) -> None:
     opt = trained(model)
     path = save_checkpoint(tmp_path, 20, model, opt, META)
     assert path == step_dir(tmp_path, 20)
-    assert sorted(p.name for p in path.iterdir()) == sorted([MODEL_FILE, META_FILE, optim_filename(0)])
+    assert sorted(p.name for p in path.iterdir()) == sorted([MODEL_FILE, META_FILE, optim_filename(0),
+                                                             loader_filename(0)])
     model_state, optim_state, meta = load_checkpoint(tmp_path)
     assert model_state.keys() == model.state_dict().keys()
     for key, value in model.state_dict().items():
@@ -158,6 +160,16 @@ def test_truncated_optimizer_file(saved: Path) -> None:
     assert load_checkpoint(saved.parent, load_optimizer=False)[0]
 
 
+def test_damaged_or_missing_dataloader_state(saved: Path) -> None:
+    (saved / loader_filename(0)).write_text('{"shard": 1, "row_')
+    with pytest.raises(CheckpointError, match="corrupt dataloader state"):
+        load_checkpoint(saved.parent)
+    (saved / loader_filename(0)).unlink()
+    with pytest.raises(CheckpointError, match="incomplete: dataloader state file"):
+        load_checkpoint(saved.parent)
+    assert load_checkpoint(saved.parent, load_optimizer=False)[0]  # inference does not need it
+
+
 def test_missing_files(saved: Path) -> None:
     (saved / optim_filename(0)).unlink()
     with pytest.raises(CheckpointError, match="incomplete"):
@@ -201,11 +213,13 @@ def test_per_rank_optimizer_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("LOCAL_RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
-    save_checkpoint(tmp_path, 4, model, trained(model), META, rank=1)
-    assert sorted(p.name for p in step_dir(tmp_path, 4).iterdir()) == [optim_filename(1)]
+    save_checkpoint(tmp_path, 4, model, trained(model), dict(META, dataloader_state="rank 1's"), rank=1)
+    assert sorted(p.name for p in step_dir(tmp_path, 4).iterdir()) == [loader_filename(1), optim_filename(1)]
     save_checkpoint(tmp_path, 4, model, trained(model), META, rank=0)
     _, optim_state, meta = load_checkpoint(tmp_path)  # as rank 1 of 2
     assert meta["num_ranks"] == 2 and optim_state is not None
+    assert meta["dataloader_state"] == "rank 1's"
+    assert "dataloader_state" not in load_checkpoint(tmp_path, load_optimizer=False)[2]
 
 
 # ---- load_model: a real GPT and tokenizer ------------------------------------------------------------

@@ -26,7 +26,15 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 from nanochat_rs import fp8
-from nanochat_rs.checkpoint import CheckpointError, find_steps, load_checkpoint, load_model, step_dir
+from nanochat_rs.checkpoint import (
+    META_FILE,
+    CheckpointError,
+    find_steps,
+    load_checkpoint,
+    load_model,
+    loader_filename,
+    step_dir,
+)
 from nanochat_rs.pretrain import (
     BASE_LRS,
     BASE_WEIGHT_DECAY,
@@ -231,8 +239,10 @@ def test_twenty_step_run_trains_and_checkpoints(full_run: tuple[Path, dict, str]
     assert math.isfinite(summary["final_val_bpb"]) and summary["final_val_bpb"] > 0
     assert summary["min_val_bpb"] <= summary["final_val_bpb"]
     assert find_steps(run_dir) == [10, 20]
-    meta = load_checkpoint(run_dir, load_optimizer=False)[2]
+    meta = load_checkpoint(run_dir)[2]
     assert meta["step"] == 20 and meta["dataloader_state"] is not None
+    # the (large) loader state sits in its own per-rank file, not in the meta.json inference reads
+    assert "dataloader_state" not in json.loads((step_dir(run_dir, 20) / META_FILE).read_text())
     assert meta["plan"]["grad_accum_steps"] == 2
     model, tokenizer, _ = load_model(run_dir, "cpu")
     ids = tokenizer.encode("the quick brown", prepend="<|bos|>")
@@ -281,10 +291,7 @@ def test_resume_with_different_data_order_diverges(full_run: tuple[Path, dict, s
     run_dir, _, _ = full_run
     other = workspace / "run_other"
     shutil.copytree(step_dir(run_dir, 10), step_dir(other, 10))
-    meta_path = step_dir(other, 10) / "meta.json"
-    meta = json.loads(meta_path.read_text())
-    meta["dataloader_state"] = [None]  # rank 0 restarts the data stream from the beginning
-    meta_path.write_text(json.dumps(meta))
+    (step_dir(other, 10) / loader_filename(0)).write_text("null")  # restart the data stream from the beginning
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(workspace / "base"))
     train(tiny_config(workspace, "run_other", resume=True, eval_every=0, sample_every=0))
     want = load_checkpoint(run_dir, step=20, load_optimizer=False)[0]
@@ -320,16 +327,17 @@ def test_resume_past_the_planned_iterations_is_a_clear_error(full_run: tuple[Pat
 
 def test_resume_with_another_number_of_ranks_is_a_clear_error(full_run: tuple[Path, dict, str], workspace: Path,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    """Each rank reads its own stride of the data, so the saved per-rank states only fit the same world size."""
+    """Each rank reads its own stride of the data and owns an optimizer shard, so the saved per-rank
+    states only fit the same world size."""
     run_dir, _, _ = full_run
     other = workspace / "run_two_ranks"
     shutil.copytree(step_dir(run_dir, 10), step_dir(other, 10))
-    meta_path = step_dir(other, 10) / "meta.json"
+    meta_path = step_dir(other, 10) / META_FILE
     meta = json.loads(meta_path.read_text())
-    meta["dataloader_state"] = meta["dataloader_state"] * 2  # as if saved by a 2-process run
+    meta["num_ranks"] = 2  # as if saved by a 2-process run
     meta_path.write_text(json.dumps(meta))
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(workspace / "base"))
-    with pytest.raises(CheckpointError, match="dataloader states for 2 ranks, this run has 1"):
+    with pytest.raises(CheckpointError, match="state for 2 ranks, this run has 1"):
         train(tiny_config(workspace, "run_two_ranks", resume=True, eval_every=0, sample_every=0))
 
 

@@ -4,10 +4,15 @@ Layout, one directory per step::
 
     <directory>/step_000020/model.pt         fp32 model state (rank 0)
     <directory>/step_000020/optim_rank0.pt   optimizer state of each rank (ZeRO-style shards differ)
-    <directory>/step_000020/meta.json        config, step, dataloader state, tokenizer, format version
+    <directory>/step_000020/loader_rank0.json dataloader state of each rank (its stride of the data)
+    <directory>/step_000020/meta.json        config, step, tokenizer, format version
+
+The dataloader state holds the packer's buffered documents (megabytes), so it lives beside the
+optimizer shard of its rank rather than in meta.json: inference reads only meta.json and model.pt, and
+saving needs no gather across ranks.
 
 Every file is written to a temporary name in the same directory, fsynced and renamed into place, and
-meta.json is written last (after all ranks finished their optimizer shards), so a step directory with a
+meta.json is written last (after all ranks finished their own files), so a step directory with a
 meta.json is complete: a crash mid-save can never leave something that looks like a checkpoint.
 """
 
@@ -35,7 +40,8 @@ FORMAT = "nanochat_rs-checkpoint"
 FORMAT_VERSION = 1
 MODEL_FILE = "model.pt"
 META_FILE = "meta.json"
-REQUIRED_META_KEYS = ("model_config", "step", "dataloader_state", "tokenizer_dir")
+REQUIRED_META_KEYS = ("model_config", "step", "tokenizer_dir")
+LOADER_STATE_KEY = "dataloader_state"  # in the meta passed to save / returned by load, not in meta.json
 _STEP_DIR = re.compile(r"^step_(\d{6,})$")
 _COMPILE_PREFIX = "_orig_mod."  # torch.compile wraps modules; checkpoints hold the plain names
 
@@ -50,6 +56,10 @@ def step_dir(directory: str | os.PathLike[str], step: int) -> Path:
 
 def optim_filename(rank: int) -> str:
     return f"optim_rank{rank}.pt"
+
+
+def loader_filename(rank: int) -> str:
+    return f"loader_rank{rank}.json"
 
 
 def find_steps(directory: str | os.PathLike[str]) -> list[int]:
@@ -103,13 +113,13 @@ def _barrier() -> None:
 
 def _full_meta(step: int, model: torch.nn.Module, meta: dict[str, Any],
                has_optimizer: bool) -> dict[str, Any]:
-    full = dict(meta)
+    full = {k: v for k, v in meta.items() if k != LOADER_STATE_KEY}
     if "model_config" not in full:
         config = getattr(model, "config", None)
         if not is_dataclass(config):
             raise ValueError("meta needs 'model_config' (the model has no dataclass .config to take it from)")
         full["model_config"] = asdict(config)  # type: ignore[arg-type]
-    missing = [k for k in REQUIRED_META_KEYS if k not in full and k != "step"]
+    missing = [k for k in (*REQUIRED_META_KEYS, LOADER_STATE_KEY) if k not in meta and k not in full and k != "step"]
     if missing:
         raise ValueError(f"checkpoint meta is missing required keys {missing}")
     full.update(format=FORMAT, format_version=FORMAT_VERSION, step=step, has_optimizer=has_optimizer,
@@ -125,13 +135,15 @@ def save_checkpoint(directory: str | os.PathLike[str], step: int, model: torch.n
                     optimizer: torch.optim.Optimizer | None, meta: dict[str, Any], rank: int = 0) -> Path:
     """Save `step` under `directory` and return the step directory. Call it on every rank.
 
-    Rank 0 writes the model and meta.json; each rank writes its own optimizer state. `meta` must be
-    JSON-serialisable and contain at least "dataloader_state" and "tokenizer_dir" ("model_config" is
-    taken from `model.config` when absent; "step" and the format fields are filled in here).
+    Rank 0 writes the model and meta.json; each rank writes its own optimizer state and its own
+    `meta["dataloader_state"]` (so each rank passes its own). `meta` must be JSON-serialisable and
+    contain at least "dataloader_state" and "tokenizer_dir" ("model_config" is taken from
+    `model.config` when absent; "step" and the format fields are filled in here).
     """
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:
         raise ValueError(f"step must be a non-negative int, got {step!r}")
     full = _full_meta(step, model, meta, optimizer is not None)  # validate before touching the disk
+    loader_json = json.dumps(meta[LOADER_STATE_KEY])
     target = step_dir(directory, step)
     target.mkdir(parents=True, exist_ok=True)
     if rank == 0:
@@ -144,6 +156,7 @@ def save_checkpoint(directory: str | os.PathLike[str], step: int, model: torch.n
     if optimizer is not None:
         optim_state = optimizer.state_dict()
         atomic_write(target / optim_filename(rank), lambda f: torch.save(optim_state, f))
+    atomic_write(target / loader_filename(rank), lambda f: f.write(loader_json + "\n"), mode="w")
     _barrier()  # every rank's files are in place before the marker appears
     if rank == 0:
         atomic_write(target / META_FILE, lambda f: f.write(json.dumps(full, indent=2) + "\n"), mode="w")
@@ -168,6 +181,15 @@ def _read_meta(path: Path) -> dict[str, Any]:
     if missing:
         raise CheckpointError(f"{path} is missing required keys {missing}")
     return meta
+
+
+def _read_loader_state(path: Path) -> Any:
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint is incomplete: dataloader state file {path} is missing")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"corrupt dataloader state {path}: {e}") from None
 
 
 def _load_tensor_file(path: Path, device: str | torch.device, what: str) -> Any:
@@ -198,7 +220,9 @@ def load_checkpoint(
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None, dict[str, Any]]:
     """Load (model_state, optimizer_state_of_this_rank | None, meta); `step=None` means the newest.
 
-    Missing directories/steps raise FileNotFoundError; damaged or incompatible files CheckpointError.
+    `load_optimizer=True` (resuming training) also puts this rank's dataloader state into
+    `meta["dataloader_state"]`. Missing directories/steps raise FileNotFoundError; damaged or
+    incompatible files CheckpointError.
     """
     root = Path(directory)
     step = _resolve_step(root, step)
@@ -216,6 +240,7 @@ def load_checkpoint(
             raise CheckpointError(f"checkpoint {target} has optimizer state for {meta.get('num_ranks')} "
                                   f"ranks, this run has {info.world_size} (resume with the same world size)")
         optim_state = _load_tensor_file(target / optim_filename(info.rank), device, "optimizer")
+        meta[LOADER_STATE_KEY] = _read_loader_state(target / loader_filename(info.rank))
     return model_state, optim_state, meta
 
 

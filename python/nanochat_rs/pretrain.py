@@ -34,9 +34,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
-from nanochat_rs.common import DistInfo, base_dir, compute_cleanup, compute_init, is_ddp_initialized, print0
+from nanochat_rs.common import DistInfo, base_dir, compute_cleanup, compute_init, print0
 from nanochat_rs.gpt import GPT, GPTConfig, config_for_depth
 
 # Dense (non-sparse) bf16 tensor-core peak FLOP/s by a fragment of the CUDA device name: the
@@ -269,14 +268,6 @@ def _full_precision(model: torch.nn.Module, config: TrainConfig) -> contextlib.A
     return disable_fp8(model)
 
 
-def _gather_loader_states(state: Any, info: DistInfo) -> list[Any]:
-    if not is_ddp_initialized():
-        return [state]
-    states: list[Any] = [None] * info.world_size
-    dist.all_gather_object(states, state)
-    return states
-
-
 def _resume(run_dir: Path, config: TrainConfig, plan: TrainPlan, model: torch.nn.Module,
             optimizer: torch.optim.Optimizer, info: DistInfo,
             device: torch.device) -> tuple[int, Any, LoopState]:
@@ -300,15 +291,9 @@ def _resume(run_dir: Path, config: TrainConfig, plan: TrainPlan, model: torch.nn
         if saved_plan.get(key) not in (None, getattr(plan, key)):
             print0(f"Note: {key} was {saved_plan[key]} in the checkpoint, now {getattr(plan, key)}: "
                    "the continuation will differ from the original run")
-    # one dataloader state per rank (each rank reads its own stride of row groups)
-    states = meta["dataloader_state"]
-    if not isinstance(states, list) or len(states) != info.world_size:
-        count = len(states) if isinstance(states, list) else "no per-rank list"
-        raise CheckpointError(f"cannot resume: the checkpoint holds dataloader states for {count} ranks, this "
-                              f"run has {info.world_size}; resume with the same number of processes")
     loop = LoopState(**meta.get("loop_state", {}))
     print0(f"Resumed from {run_dir} at step {meta['step']}")
-    return int(meta["step"]), states[info.rank], loop
+    return int(meta["step"]), meta["dataloader_state"], loop  # this rank's: load_checkpoint checked world size
 
 
 def _evaluate(model: torch.nn.Module, tokenizer: Any, config: TrainConfig, token_bytes: torch.Tensor,
@@ -343,9 +328,8 @@ def _save(run_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.opt
           info: DistInfo) -> None:
     from nanochat_rs.checkpoint import save_checkpoint, tokenizer_fingerprint
 
-    states = _gather_loader_states(loader_state, info)
     meta = {
-        "model_config": plan.model_config, "step": step, "dataloader_state": states,
+        "model_config": plan.model_config, "step": step, "dataloader_state": loader_state,
         "tokenizer_dir": str(tokenizer_dir),
         "tokenizer_id": tokenizer_fingerprint(tokenizer_dir), "train_config": asdict(config),
         "plan": asdict(plan), "loop_state": asdict(loop),
