@@ -131,6 +131,19 @@ def test_any_chunking_equals_full_forward(chunks: list[int], seed: int) -> None:
     torch.testing.assert_close(incremental_logits(model, idx, chunks), full, atol=2e-5, rtol=1e-5)
 
 
+def test_last_only_is_the_last_row_of_the_full_logits() -> None:
+    model = random_model(5)
+    idx = tokens(2, 30)
+    with torch.no_grad():
+        full = model(idx)
+        torch.testing.assert_close(model(idx, last_only=True), full[:, -1:])
+        cache = KVCache.for_model(model.config, 2, 30, "cpu")
+        torch.testing.assert_close(model(idx, kv_cache=cache, last_only=True), full[:, -1:], atol=2e-5, rtol=1e-5)
+    assert cache.get_pos() == 30  # the whole chunk still went into the cache
+    with pytest.raises(ValueError, match="last_only"):
+        model(idx, targets=idx, last_only=True)
+
+
 def test_smear_state_carries_the_previous_token_across_calls() -> None:
     """Decoding token t must mix in token t-1 from the previous call: swap that token and the decoded
     logits change exactly as the full forward's do."""

@@ -139,14 +139,14 @@ class Engine:
                 # feed the sampled ids still on the device unless a row was overridden (forced tool
                 # output or a repeated stop token): saves a host-to-device copy on most steps
                 ids = sampled_ids if column == sampled else torch.tensor(column, dtype=torch.long, device=device)
-                logits = self.model(ids.unsqueeze(1), kv_cache=cache)[:, -1, :]
+                logits = self.model(ids.unsqueeze(1), kv_cache=cache, last_only=True)[:, -1, :]
 
     def _prefill(self, prompt: list[int], num_samples: int, cache_len: int,
                  device: torch.device) -> tuple[KVCache, torch.Tensor]:
         """Run the prompt once at batch 1 and return the cache to decode with plus next-token logits."""
         single = KVCache.for_model(self.model.config, 1, cache_len, device)
         ids = torch.tensor([prompt], dtype=torch.long, device=device)
-        logits = self.model(ids, kv_cache=single)[:, -1, :]
+        logits = self.model(ids, kv_cache=single, last_only=True)[:, -1, :]
         if num_samples == 1:
             return single, logits
         cache = KVCache.for_model(self.model.config, num_samples, cache_len, device)

@@ -274,13 +274,18 @@ class GPT(nn.Module):
     # ---- forward -------------------------------------------------------------------------------
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, kv_cache: KVCache | None = None,
-                loss_reduction: str = "mean", *, audio_features: torch.Tensor | None = None) -> torch.Tensor:
+                loss_reduction: str = "mean", *, audio_features: torch.Tensor | None = None,
+                last_only: bool = False) -> torch.Tensor:
         """Logits (B, T_full, vocab_size) in fp32 without targets, else the cross-entropy loss.
 
         T_full = T_audio + T_text. With a KV cache the chunk is appended at the cache position and
-        the cache is advanced by T once all layers have written their keys/values.
+        the cache is advanced by T once all layers have written their keys/values. `last_only=True`
+        returns only the last position's logits (B, 1, vocab_size): all that sampling needs, and it
+        spares a prompt prefill the T x vocab readout.
         """
         self._check_idx(idx)
+        if last_only and targets is not None:
+            raise ValueError("last_only=True returns logits; it cannot be combined with targets")
         if loss_reduction not in ("mean", "sum", "none"):
             raise ValueError(f"loss_reduction must be 'mean', 'sum' or 'none', got {loss_reduction!r}")
         B, T_text = idx.shape
@@ -302,6 +307,8 @@ class GPT(nn.Module):
         x = self._run_blocks(x, ve_idx, start, kv_cache)
         if kv_cache is not None:
             kv_cache.advance(T_full)
+        if last_only:
+            x = x[:, -1:]
         return self._head(x, targets, loss_reduction)
 
     def _embed_text(self, idx: torch.Tensor, kv_cache: KVCache | None) -> torch.Tensor:
