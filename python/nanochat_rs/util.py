@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import operator
 import os
-import tempfile
+import secrets
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
@@ -28,7 +28,9 @@ def check_int(name: str, value: object, minimum: int) -> int:
 def atomic_write(path: Path, write: Callable[[IO[Any]], object], mode: str = "wb") -> None:
     """Write a file so that readers see either the old content or the whole new one, never a torn file:
     a temp file in the same directory, fsynced, then renamed over `path`."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp"
+    # os.open with 0o666 keeps the usual umask-derived permissions (mkstemp would make it 0600)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, mode, encoding=None if "b" in mode else "utf-8") as f:
             write(f)
