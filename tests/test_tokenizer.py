@@ -141,6 +141,26 @@ def test_encoding_arbitrary_unicode_is_identical_to_tiktoken(trained: Tokenizer,
     assert trained.encode(text) == trained.to_tiktoken().encode_ordinary(text)
 
 
+# Long runs of letters or whitespace are single chunks of more than 64 bytes, which the encoder merges
+# with a heap instead of tiktoken's rescan: the result must still be tiktoken's. The tokenizer is
+# trained on such runs so that merges of merges (aa -> aaaa -> ...) happen inside them.
+RUN_PIECES = ["ab", "the", "a", "e", "aab", "é", " ", "\n", "ing"]
+long_chunks_strategy = st.lists(st.tuples(st.sampled_from(RUN_PIECES), st.integers(1, 80)), min_size=1,
+                                max_size=6).map(lambda runs: "".join(piece * count for piece, count in runs))
+
+
+@pytest.fixture(scope="module")
+def runs_tokenizer() -> Tokenizer:
+    docs = [piece * count + " " + piece * (count + 1) for piece in RUN_PIECES for count in (2, 3, 4, 5, 8, 16, 33)]
+    return Tokenizer.train(docs * 4, vocab_size=256 + N_SPECIAL + 150)
+
+
+@settings(max_examples=150, deadline=None)
+@given(text=long_chunks_strategy)
+def test_long_chunks_encode_identically_to_tiktoken(runs_tokenizer: Tokenizer, text: str) -> None:
+    assert runs_tokenizer.encode(text) == runs_tokenizer.to_tiktoken().encode_ordinary(text)
+
+
 @settings(max_examples=200, deadline=None)
 @given(text=st.one_of(texts_strategy, st.text(max_size=200)))
 def test_decode_inverts_encode(trained: Tokenizer, text: str) -> None:
