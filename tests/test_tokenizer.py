@@ -119,6 +119,13 @@ def test_an_exception_in_progress_stops_training_at_once() -> None:
     assert len(merge_reports) == 1 and merge_reports[0] < 5_000
 
 
+def test_train_with_stats_reports_what_was_read() -> None:
+    docs = ["héllo 🎉 wörld", "abc" * 10, "ñ", "not read: past the budget"]
+    capped = [d[:6] for d in docs[:3]]  # 6 + 6 + 1 chars: the third crosses the budget of 13 and is read
+    _, read = Tokenizer.train_with_stats(docs, 256 + N_SPECIAL + 5, doc_cap=6, max_chars=13)
+    assert read == (3, sum(map(len, capped)), sum(len(c.encode()) for c in capped))
+
+
 def test_progress_is_reported() -> None:
     seen: list[tuple[str, int, int]] = []
     Tokenizer.train(["hello world"] * 10, 256 + N_SPECIAL + 5, progress=lambda *a: seen.append(a))

@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
@@ -81,37 +80,10 @@ def train_on_shards(train_shards: list[Path], val_shard: Path | None, vocab_size
     if not train_shards:
         raise ValueError("no training shards: need at least two parquet shards (the last one is validation)")
     progress = ProgressPrinter() if show_progress else None
-    counted = {"chars": 0}
-
-    def track(phase: str, done: int, total: int) -> None:
-        if phase == "count":
-            counted["chars"] = done
-        if progress is not None:
-            progress(phase, done, total)
-
     start = time.perf_counter()
-    tokenizer = Tokenizer.train(iter_text_columns(train_shards), vocab_size, doc_cap=doc_cap,
-                                max_chars=max_chars, progress=track)
+    tokenizer, read = Tokenizer.train_with_stats(iter_text_columns(train_shards), vocab_size, doc_cap=doc_cap,
+                                                 max_chars=max_chars, progress=progress)
     seconds = time.perf_counter() - start
-    # Chars are what the trainer counts; bytes are the fair unit for throughput across languages.
-    n_bytes = _bytes_of_first_chars(train_shards, counted["chars"], doc_cap)
     val_bpt = bytes_per_token(tokenizer, val_shard) if val_shard is not None else None
-    return tokenizer, TokTrainReport(tokenizer.vocab_size, counted["chars"], n_bytes, seconds, val_bpt)
-
-
-def _bytes_of_first_chars(shards: list[Path], chars: int, doc_cap: int) -> int:
-    """UTF-8 bytes of the text the trainer read: documents in order, each capped to `doc_cap` chars,
-    up to and including the one that reached `chars` (the trainer's budget rule). Computed with Arrow
-    kernels, as re-reading gigabytes of text as Python str would take longer than the training."""
-    total_bytes, remaining = 0, chars
-    for column in iter_text_columns(shards):
-        if remaining <= 0:
-            break
-        capped = pc.utf8_slice_codeunits(column, 0, doc_cap)  # slices by code point, like the trainer
-        doc_chars = pc.fill_null(pc.utf8_length(capped), 0).to_numpy()
-        doc_bytes = pc.fill_null(pc.binary_length(capped), 0).to_numpy()
-        chars_before = np.cumsum(doc_chars) - doc_chars
-        taken = int(np.searchsorted(chars_before, remaining, side="left"))  # docs started within budget
-        total_bytes += int(doc_bytes[:taken].sum())
-        remaining -= int(doc_chars[:taken].sum())
-    return total_bytes
+    # Chars are what the budget counts; bytes are the fair unit for throughput across languages.
+    return tokenizer, TokTrainReport(tokenizer.vocab_size, read.chars, read.bytes, seconds, val_bpt)

@@ -13,7 +13,7 @@ import operator
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
@@ -90,9 +90,17 @@ def _is_arrow_array(obj: object) -> bool:
     return isinstance(obj, pa.Array | pa.ChunkedArray)
 
 
+class TextRead(NamedTuple):
+    """What tokenizer training read: documents, and their chars and UTF-8 bytes after the doc_cap crop."""
+
+    documents: int
+    chars: int
+    bytes: int
+
+
 def _feed_trainer(trainer: Any, texts: Any, doc_cap: int | None, max_chars: int | None,
-                  progress: ProgressFn | None) -> int:
-    """Stream `texts` into the Rust chunk counter; returns the number of chars counted."""
+                  progress: ProgressFn | None) -> TextRead:
+    """Stream `texts` into the Rust chunk counter; returns what was counted."""
     if isinstance(texts, str | bytes):
         raise TypeError("texts must be an iterable of str (or a pyarrow string array), not a single "
                         f"{type(texts).__name__}")
@@ -102,21 +110,18 @@ def _feed_trainer(trainer: Any, texts: Any, doc_cap: int | None, max_chars: int 
     except TypeError:
         raise TypeError(f"texts must be an iterable of str, got {type(texts).__name__}") from None
 
-    total = 0
+    total = TextRead(0, 0, 0)
 
-    def budget() -> int | None:
-        return None if max_chars is None else max_chars - total
-
-    def feed(add: Callable[..., tuple[int, int]], *args: Any) -> bool:
+    def feed(add: Callable[..., tuple[int, int, int]], *args: Any) -> bool:
         """Returns False once the char budget is spent."""
         nonlocal total
-        remaining = budget()
+        remaining = None if max_chars is None else max_chars - total.chars
         if remaining is not None and remaining <= 0:
             return False
-        _, chars = add(*args, doc_cap=doc_cap, max_chars=remaining)
-        total += chars
+        read = add(*args, doc_cap=doc_cap, max_chars=remaining)
+        total = TextRead(*(a + b for a, b in zip(total, read, strict=True)))
         if progress is not None:
-            progress("count", total, max_chars or 0)
+            progress("count", total.chars, max_chars or 0)
         return True
 
     pending: list[str] = []
@@ -168,6 +173,14 @@ class Tokenizer:
         group). Each document is cut to `doc_cap` chars; reading stops after about `max_chars` chars.
         Fewer merges are learnt only if the corpus runs out of pairs.
         """
+        return cls.train_with_stats(texts, vocab_size, pattern, doc_cap=doc_cap, max_chars=max_chars,
+                                    progress=progress)[0]
+
+    @classmethod
+    def train_with_stats(cls, texts: Iterable[str] | pa.Array | pa.ChunkedArray | Iterable[Any], vocab_size: int,
+                         pattern: str | None = None, *, doc_cap: int | None = None, max_chars: int | None = None,
+                         progress: ProgressFn | None = None) -> tuple[Tokenizer, TextRead]:
+        """`train`, also returning what was read (counted by the Rust side while it reads)."""
         if isinstance(vocab_size, bool) or not isinstance(vocab_size, int):
             raise TypeError(f"vocab_size must be an int, got {type(vocab_size).__name__}")
         minimum = 256 + len(SPECIAL_TOKENS)
@@ -181,7 +194,7 @@ class Tokenizer:
         if not isinstance(pattern, str):
             raise TypeError(f"pattern must be a str, got {type(pattern).__name__}")
         trainer = _native.BpeTrainer(pattern)  # validates the pattern before any reading
-        _feed_trainer(trainer, texts, doc_cap, max_chars, progress)
+        read = _feed_trainer(trainer, texts, doc_cap, max_chars, progress)
         if trainer.num_unique_chunks == 0:
             raise ValueError("cannot train a tokenizer on an empty corpus: no text was found")
         num_merges = vocab_size - minimum
@@ -191,7 +204,7 @@ class Tokenizer:
                 progress("merge", done, total)
 
         merges = trainer.train(num_merges, on_merge)
-        return cls(_native.merges_to_vocab(merges), pattern)
+        return cls(_native.merges_to_vocab(merges), pattern), read
 
     # ---- vocabulary ---------------------------------------------------------------------------
 

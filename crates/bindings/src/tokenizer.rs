@@ -2,7 +2,8 @@
 
 use std::ops::ControlFlow;
 
-use nanochat_tokenizer::{train::vocab_bytes, ChunkCounter, Encoder, Splitter, TokenizerError, DEFAULT_PATTERN};
+use nanochat_tokenizer::train::{truncate_chars, vocab_bytes};
+use nanochat_tokenizer::{ChunkCounter, Encoder, Splitter, TokenizerError, DEFAULT_PATTERN};
 use pyo3::buffer::PyBuffer;
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
@@ -88,33 +89,38 @@ fn rows_as_strs(data: &[u8], offsets: impl Iterator<Item = i64>) -> PyResult<Vec
     Ok(out)
 }
 
+/// What a batch of documents contributed to training: documents taken, and the chars and UTF-8
+/// bytes of their text after the `doc_cap` crop (bytes are the fair unit for throughput).
+type TextRead = (usize, u64, u64);
+
 /// How many of `texts` fit a budget of `max_chars` (counting each after the `doc_cap` crop); the
-/// document that crosses the budget is included. Returns (documents, chars).
-fn take_within_budget<S: AsRef<str>>(texts: &[S], doc_cap: Option<usize>, max_chars: Option<u64>) -> (usize, u64) {
-    let mut chars = 0u64;
+/// document that crosses the budget is included.
+fn take_within_budget<S: AsRef<str>>(texts: &[S], doc_cap: Option<usize>, max_chars: Option<u64>) -> TextRead {
+    let (mut chars, mut bytes) = (0u64, 0u64);
     for (i, t) in texts.iter().enumerate() {
         if max_chars.is_some_and(|m| chars >= m) {
-            return (i, chars);
+            return (i, chars, bytes);
         }
-        let mut n = t.as_ref().chars().count();
-        if let Some(cap) = doc_cap {
-            n = n.min(cap);
-        }
-        chars += n as u64;
+        let text = match doc_cap {
+            Some(cap) => truncate_chars(t.as_ref(), cap),
+            None => t.as_ref(),
+        };
+        chars += text.chars().count() as u64;
+        bytes += text.len() as u64;
     }
-    (texts.len(), chars)
+    (texts.len(), chars, bytes)
 }
 
-/// Count the documents that fit the budget; call without the GIL. Returns (documents, chars) used.
+/// Count the documents that fit the budget; call without the GIL.
 fn count_within_budget<S: AsRef<str> + Sync>(
     counter: &mut ChunkCounter,
     texts: &[S],
     doc_cap: Option<usize>,
     max_chars: Option<u64>,
-) -> PyResult<(usize, u64)> {
-    let (n, chars) = take_within_budget(texts, doc_cap, max_chars);
-    counter.add_documents(&texts[..n], doc_cap).map_err(to_py_err)?;
-    Ok((n, chars))
+) -> PyResult<TextRead> {
+    let read = take_within_budget(texts, doc_cap, max_chars);
+    counter.add_documents(&texts[..read.0], doc_cap).map_err(to_py_err)?;
+    Ok(read)
 }
 
 /// Streaming BPE trainer: feed documents in batches, then `train`.
@@ -132,7 +138,8 @@ impl BpeTrainer {
         Ok(BpeTrainer { counter: ChunkCounter::new(splitter) })
     }
 
-    /// Count a list of str. Stops once `max_chars` chars were taken; returns (documents, chars) used.
+    /// Count a list of str. Stops once `max_chars` chars were taken; returns (documents, chars,
+    /// bytes) used.
     #[pyo3(signature = (texts, doc_cap=None, max_chars=None))]
     fn add_texts(
         &mut self,
@@ -140,13 +147,14 @@ impl BpeTrainer {
         texts: &Bound<'_, PyList>,
         doc_cap: Option<usize>,
         max_chars: Option<u64>,
-    ) -> PyResult<(usize, u64)> {
+    ) -> PyResult<TextRead> {
         let texts = list_of_str(texts)?;
         let counter = &mut self.counter;
         py.detach(|| count_within_budget(counter, &texts, doc_cap, max_chars))
     }
 
-    /// Count an Arrow string array given as its data buffer and offsets (no per-string copies).
+    /// Count an Arrow string array given as its data buffer and offsets (no per-string copies);
+    /// returns (documents, chars, bytes) used, like `add_texts`.
     #[pyo3(signature = (data, offsets, doc_cap=None, max_chars=None))]
     fn add_arrow(
         &mut self,
@@ -155,7 +163,7 @@ impl BpeTrainer {
         offsets: ArrowOffsets,
         doc_cap: Option<usize>,
         max_chars: Option<u64>,
-    ) -> PyResult<(usize, u64)> {
+    ) -> PyResult<TextRead> {
         let array = ArrowStrings::borrow(py, &data, &offsets)?;
         let counter = &mut self.counter;
         py.detach(|| count_within_budget(counter, &array.strs()?, doc_cap, max_chars))
