@@ -111,6 +111,7 @@ def state_shapes(opt: torch.optim.Optimizer, model: nn.Module) -> dict[str, dict
 def main(out_dir: Path) -> None:
     import torch.distributed as dist
     from nanochat_rs import optim
+    from nanochat_rs.common import compute_cleanup
 
     torch.set_num_threads(1)
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -123,8 +124,10 @@ def main(out_dir: Path) -> None:
             opt = train(model, rank, world)
             torch.save({"params": model.state_dict(), "state_shapes": state_shapes(opt, model),
                         "tensor_collectives": opt._tensor_collectives}, out_dir / f"rank{rank}_{mode}.pt")
-    finally:
-        dist.destroy_process_group()
+    except BaseException:
+        compute_cleanup(wait_for_peers=False)
+        raise
+    compute_cleanup()
 
 
 if __name__ == "__main__":

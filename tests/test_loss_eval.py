@@ -14,6 +14,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from nanochat_rs.common import compute_cleanup
 from nanochat_rs.loss_eval import evaluate_bpb
 
 
@@ -130,8 +131,10 @@ def _rank_main(rank: int, world: int, port: int, results: dict) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         results[rank] = evaluate_bpb(BigramModel(HALVING), batches_of(RANK_PAIRS[rank]), 1, TOKEN_BYTES)
-    finally:
-        dist.destroy_process_group()
+    except BaseException:
+        compute_cleanup(wait_for_peers=False)
+        raise
+    compute_cleanup()
 
 
 def test_all_reduces_across_ranks() -> None:

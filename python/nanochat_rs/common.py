@@ -119,6 +119,14 @@ def compute_init(device_type: str | None = None, seed: int = 42) -> tuple[DistIn
     return info, device
 
 
-def compute_cleanup() -> None:
+def compute_cleanup(wait_for_peers: bool = True) -> None:
+    """Tear down the process group, if any.
+
+    `wait_for_peers` puts a barrier first, so no rank destroys its transport while a peer is still
+    finishing its last collective (gloo then aborts the peer: "terminate called without an active
+    exception"). Pass False on an error path, where a failed peer may never reach the barrier.
+    """
     if is_ddp_initialized():
+        if wait_for_peers:
+            dist.barrier()
         dist.destroy_process_group()

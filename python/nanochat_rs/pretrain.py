@@ -388,9 +388,12 @@ def train(config: TrainConfig) -> dict[str, Any]:
     resolved = resolve_config(config, config.device_type or autodetect_device_type())
     info, device = compute_init(resolved.device_type, seed=resolved.seed)
     try:
-        return _train(resolved, info, device)
-    finally:
-        compute_cleanup()
+        summary = _train(resolved, info, device)
+    except BaseException:
+        compute_cleanup(wait_for_peers=False)
+        raise
+    compute_cleanup()
+    return summary
 
 
 def _train(config: TrainConfig, info: DistInfo, device: torch.device) -> dict[str, Any]:
