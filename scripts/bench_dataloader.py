@@ -32,9 +32,6 @@ from nanochat_rs.dataloader import split_files, tokenizing_data_loader
 from nanochat_rs.packer import BestFitPacker
 from nanochat_rs.tokenizer import Tokenizer
 
-DEVCORPUS = Path("/work/shared/data/devcorpus")
-
-
 # ---- the baseline: how reference nanochat's loader does it ------------------------------------------
 
 
@@ -215,8 +212,8 @@ def pretokenize(args: argparse.Namespace, workdir: Path) -> tuple[Path, Path]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-dir", default=str(DEVCORPUS) if DEVCORPUS.is_dir() else None,
-                        help="parquet shards (default: the dev corpus if present, else the configured data)")
+    parser.add_argument("--data-dir", default=None,
+                        help="parquet shards (default: NANOCHAT_DATA_DIR, else the embedded corpus)")
     parser.add_argument("--tokenizer-dir", default=None, help="a saved tokenizer (default: train one)")
     parser.add_argument("--vocab-size", type=int, default=32768)
     parser.add_argument("--train-chars", type=int, default=3_000_000)

@@ -67,21 +67,18 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
-def build_model(args: argparse.Namespace, device: torch.device) -> tuple[GPT, Tokenizer]:
+def load_or_build(args: argparse.Namespace, device: torch.device) -> tuple[GPT, Tokenizer]:
     if args.checkpoint is not None:
         from nanochat_rs.checkpoint import load_model
 
         model, tokenizer, _ = load_model(args.checkpoint, device)
         return model, tokenizer
-    from nanochat_rs.gpt import GPT, config_for_depth
-    from nanochat_rs.tokenizer import get_tokenizer
+    from nanochat_rs.gpt import build_model, config_for_depth
+    from nanochat_rs.tok_train import load_or_train_tokenizer
 
-    tokenizer = get_tokenizer()
-    with torch.device("meta"):
-        model = GPT(config_for_depth(args.depth, vocab_size=tokenizer.vocab_size, sequence_len=args.seq_len))
-    model.to_empty(device=device)
-    model.init_weights()
-    return model.eval(), tokenizer
+    tokenizer = load_or_train_tokenizer()
+    config = config_for_depth(args.depth, vocab_size=tokenizer.vocab_size, sequence_len=args.seq_len)
+    return build_model(config, device).eval(), tokenizer
 
 
 def sync(device: torch.device) -> None:
@@ -144,7 +141,7 @@ def best(timings: list[Timing]) -> Timing:
 def main() -> None:
     args = parse_args()
     _, device = compute_init(args.device_type or autodetect_device_type())
-    model, tokenizer = build_model(args, device)
+    model, tokenizer = load_or_build(args, device)
     config = model.config
     prompt = random_prompt(config.vocab_size, tokenizer.bos_token_id, args.prompt_len)
     engine = Engine(model, tokenizer)

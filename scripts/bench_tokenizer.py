@@ -22,8 +22,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from nanochat_rs.tokenizer import DEFAULT_PATTERN, SPECIAL_TOKENS, Tokenizer
 
-DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "devcorpus"
-
 
 def shards(data_dir: Path) -> tuple[list[Path], Path]:
     files = sorted(data_dir.glob("shard_*.parquet"))
@@ -140,7 +138,7 @@ def bench_encode(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--data-dir", type=Path, required=True, help="directory of parquet shards (text column)")
     parser.add_argument("--repeat", type=int, default=6, help="repeat the training documents N times")
     parser.add_argument("--vocab-size", type=int, default=32768)
     parser.add_argument("--peers", default="rustbpe,hf", help="comma-separated: rustbpe,hf")

@@ -1,13 +1,13 @@
 """Build the small corpus embedded in the package (python/nanochat_rs/data/corpus/).
 
 It lets the whole pipeline (tokenizer training, pretraining, chat) run offline out of the box. Documents
-are drawn from a directory of parquet shards with a `text` column (by default the dev corpus of
+are drawn from a directory of parquet shards with a `text` column (the project used a corpus of
 public-domain PEPs, RFCs and speeches), shuffled deterministically, and written as zstd-compressed
 shards: shard_00000.parquet .. for training, then one last shard for validation (the dataset convention:
 the last shard is the validation split). Sizes are budgets for the *compressed* files, met by estimating
 the compression ratio on a sample first.
 
-    python scripts/make_embedded_corpus.py --source /work/shared/data/devcorpus
+    python scripts/make_embedded_corpus.py --source DIR_OF_PARQUET_SHARDS
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def take(docs: list[str], start: int, text_budget: float) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--source", type=Path, default=Path("/work/shared/data/devcorpus"))
+    parser.add_argument("--source", type=Path, required=True, help="directory of parquet shards (text column)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--train-mb", type=float, default=4.0, help="compressed size of the training shards")
     parser.add_argument("--val-mb", type=float, default=0.5, help="compressed size of the validation shard")

@@ -87,6 +87,7 @@ def global_batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
 def train(model: TinyNet, rank: int, world: int) -> torch.optim.Optimizer:
     """STEPS optimizer steps; rank r sees rows [r*B/w, (r+1)*B/w) of every global batch."""
     from nanochat_rs.optim import MuonAdamW, apply_schedules
+    from nanochat_rs.recipe import Schedule
 
     opt = MuonAdamW(param_groups(model))
     rows = GLOBAL_BATCH // world
@@ -96,7 +97,7 @@ def train(model: TinyNet, rank: int, world: int) -> torch.optim.Optimizer:
         logits = model(inputs)
         loss = F.cross_entropy(logits.reshape(-1, VOCAB), targets.reshape(-1))
         loss.backward()
-        apply_schedules(opt, step, STEPS, warmup_steps=2, warmdown_ratio=0.5)
+        apply_schedules(opt, step, STEPS, Schedule(warmup_steps=2, warmdown_ratio=0.5))
         opt.step()
         model.zero_grad(set_to_none=True)
     return opt

@@ -3,16 +3,12 @@
 from __future__ import annotations
 
 import torch
-from nanochat_rs.gpt import GPT, GPTConfig
+from nanochat_rs.gpt import GPT, GPTConfig, build_model
 
 
 def build_gpt(config: GPTConfig) -> GPT:
-    """The production recipe: on meta, materialise on CPU, init."""
-    with torch.device("meta"):
-        model = GPT(config)
-    model.to_empty(device="cpu")
-    model.init_weights()
-    return model
+    """The production recipe, on CPU."""
+    return build_model(config, "cpu")
 
 
 def randomise(model: GPT, seed: int = 0) -> GPT:

@@ -120,7 +120,7 @@ def test_value_embeddings_look_up_id_zero_at_audio_positions() -> None:
 
 def test_audio_input_errors() -> None:
     idx, _, audio = inputs()
-    cache = KVCache(batch_size=2, num_kv_heads=1, seq_len=32, head_dim=32, num_layers=3, device="cpu",
+    cache = KVCache(batch_size=2, num_kv_heads=1, max_seq_len=32, head_dim=32, num_layers=3, device="cpu",
                     dtype=torch.float32, n_embd=64)
     with pytest.raises(ValueError, match="KV cache"):
         MODEL(idx, kv_cache=cache, audio_features=audio)

@@ -1,11 +1,13 @@
-"""scripts/chat.py end to end: a tiny checkpoint written here, the CLI run as a subprocess, and its
-answers checked against the Engine run in-process on the same checkpoint."""
+"""The chat job end to end: a tiny checkpoint written here, the CLI run as a subprocess
+(`python -m nanochat_rs.chat`, what the `nanochat-chat` entry point runs, and the scripts/chat.py
+wrapper of a source checkout), and its answers checked against the Engine run in-process on the same
+checkpoint."""
 
 from __future__ import annotations
 
+import io
 import math
 import os
-import runpy
 import signal
 import subprocess
 import sys
@@ -15,9 +17,12 @@ from typing import Any
 
 import pytest
 import torch
+from nanochat_rs import chat as chat_module
+from nanochat_rs import checkpoint
 from nanochat_rs.checkpoint import load_model, save_checkpoint
+from nanochat_rs.conversation import render_for_completion
 from nanochat_rs.engine import Engine
-from nanochat_rs.gpt import GPT, GPTConfig
+from nanochat_rs.gpt import GPTConfig, build_model
 from nanochat_rs.tokenizer import Tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -34,10 +39,7 @@ def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tokenizer.save(root / "tokenizer")
     config = GPTConfig(sequence_len=64, vocab_size=tokenizer.vocab_size, n_layer=2, n_head=2, n_kv_head=2,
                        n_embd=64, window_pattern="L")
-    with torch.device("meta"):
-        model = GPT(config)
-    model.to_empty(device="cpu")
-    model.init_weights()
+    model = build_model(config, "cpu")
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():  # random matrices everywhere so the answer depends on the whole network
         for param in model.parameters():
@@ -70,31 +72,34 @@ def greedy_reply(reference: tuple[Engine, Tokenizer], prompt: list[int]) -> list
 
 def first_turn(reference: tuple[Engine, Tokenizer], text: str) -> tuple[list[int], list[int]]:
     """(prompt, reply) of a conversation's first turn, the prompt as conversation.py renders it."""
-    prompt = reference[1].render_for_completion([{"role": "user", "content": text}])
+    prompt = render_for_completion(reference[1], [{"role": "user", "content": text}])
     return prompt, greedy_reply(reference, prompt)
 
 
-def chat_command(base: Path, *args: str) -> tuple[list[str], dict[str, str]]:
+MODULE = ("-m", "nanochat_rs.chat")  # what `nanochat-chat` runs
+WRAPPER = (str(CHAT),)
+
+
+def chat_command(base: Path, *args: str, entry: tuple[str, ...] = MODULE,
+                 env: dict[str, str] | None = None) -> tuple[list[str], dict[str, str]]:
     env = {**os.environ, "NANOCHAT_BASE_DIR": str(base),
-           "PYTHONPATH": os.pathsep.join([str(REPO / "python"), os.environ.get("PYTHONPATH", "")])}
-    return [sys.executable, str(CHAT), "--device-type", "cpu", "--temperature", "0",
+           "PYTHONPATH": os.pathsep.join([str(REPO / "python"), os.environ.get("PYTHONPATH", "")]), **(env or {})}
+    return [sys.executable, *entry, "--device-type", "cpu", "--temperature", "0",
             "--max-tokens", str(MAX_TOKENS), *args], env
 
 
-def run_chat(base: Path, *args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+def run_chat(base: Path, *args: str, stdin: str = "", entry: tuple[str, ...] = MODULE,
+             env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """Run the CLI to completion. Lone surrogates in `args`/`stdin` reach it as undecodable bytes."""
-    command, env = chat_command(base, *args)
+    command, env = chat_command(base, *args, entry=entry, env=env)
     return subprocess.run(command, input=stdin, capture_output=True, text=True, errors="surrogateescape",
                           env=env, timeout=120, check=False)
 
 
-def script_namespace() -> dict[str, Any]:
-    """scripts/chat.py's globals (the ones its functions see, so tests can patch them)."""
-    return runpy.run_path(str(CHAT))["main"].__globals__
-
-
-def test_one_shot_prompt_prints_the_engine_answer(base: Path, reference: tuple[Engine, Tokenizer]) -> None:
-    result = run_chat(base, "--checkpoint", str(base / "checkpoints" / "d2"), "-p", "hello there")
+@pytest.mark.parametrize("entry", [MODULE, WRAPPER], ids=["module", "wrapper"])
+def test_one_shot_prompt_prints_the_engine_answer(base: Path, reference: tuple[Engine, Tokenizer],
+                                                  entry: tuple[str, ...]) -> None:
+    result = run_chat(base, "--checkpoint", str(base / "checkpoints" / "d2"), "-p", "hello there", entry=entry)
     assert result.returncode == 0, result.stderr
     _, reply = first_turn(reference, "hello there")
     answer = reference[1].decode(reply)
@@ -129,13 +134,26 @@ def test_second_turn_sees_the_first(base: Path, reference: tuple[Engine, Tokeniz
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
     result = run_chat(tmp_path, "-p", "hi")
-    assert result.returncode != 0
-    assert "no checkpoints under" in result.stderr
-    assert "Traceback" not in result.stderr
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: no checkpoints under") and result.stderr.count("\n") == 1
+    # wheels ship no scripts/: the advice names the entry point
+    assert "nanochat-train" in result.stderr and "scripts/" not in result.stderr
+
+
+@pytest.mark.parametrize("stdin", ["empty", "closed"])
+def test_no_input_ends_the_session_quietly(base: Path, stdin: str) -> None:
+    """`nanochat-chat < /dev/null` and a closed stdin (`0<&-`) both mean: nothing to say."""
+    command, env = chat_command(base)
+    result = subprocess.run(command, stdin=subprocess.DEVNULL if stdin == "empty" else None,
+                            preexec_fn=(lambda: os.close(0)) if stdin == "closed" else None,
+                            capture_output=True, text=True, env=env, timeout=120, check=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    assert result.stdout.startswith("nanochat_rs chat.") and "Assistant:" not in result.stdout
 
 
 def test_default_checkpoint_is_the_most_recently_written(tmp_path: Path) -> None:
-    default_checkpoint_dir = script_namespace()["default_checkpoint_dir"]
+    default_checkpoint_dir = chat_module.default_checkpoint_dir
 
     def write_marker(run: str, step: int, mtime: int) -> None:
         marker = tmp_path / run / f"step_{step:06d}" / "meta.json"
@@ -154,13 +172,33 @@ def test_default_checkpoint_is_the_most_recently_written(tmp_path: Path) -> None
         default_checkpoint_dir(tmp_path / "empty")
 
 
-@pytest.mark.parametrize(("option", "match"), [(("--temperature", "nan"), "temperature must be a finite"),
-                                               (("--top-k", "-1"), "--top-k must be >= 0")])
+@pytest.mark.parametrize(("option", "match"), [
+    (("--temperature", "nan"), "temperature must be a finite"),
+    (("--top-k", "-1"), "--top-k must be >= 0"),
+    (("--temperature", "1e-40"), "use 0 for greedy"),
+    (("--temperature", "1e308"), "temperature 1e+308 is above 100"),
+    (("--seed", str(2**70)), "seed must fit in 64 bits"),
+    (("--seed", "-1"), "seed must fit in 64 bits"),
+])
 def test_bad_options_fail_before_loading_anything(tmp_path: Path, option: tuple[str, str], match: str) -> None:
     result = run_chat(tmp_path, "-p", "hi", *option)  # no checkpoint here: the options are checked first
     assert result.returncode == 2
     assert match in result.stderr
-    assert "Traceback" not in result.stderr
+    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
+
+
+@pytest.mark.parametrize(("variable", "value", "match"), [
+    ("NANOCHAT_DTYPE", "bogus", "NANOCHAT_DTYPE='bogus' is not one of"),
+    ("NANOCHAT_BASE_DIR", "FILE", "NANOCHAT_BASE_DIR"),
+])
+def test_bad_environment_is_a_one_line_error(tmp_path: Path, variable: str, value: str, match: str) -> None:
+    not_a_directory = tmp_path / "a_file"
+    not_a_directory.write_text("")
+    base = not_a_directory if value == "FILE" else tmp_path
+    result = run_chat(base, "-p", "hi", env={variable: str(base) if value == "FILE" else value})
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
+    assert match in result.stderr
 
 
 @pytest.mark.skipif(torch.backends.mps.is_available(), reason="needs a machine without MPS")
@@ -184,7 +222,7 @@ def test_undecodable_input_bytes_become_replacement_characters(base: Path,
 def test_reply_cut_off_by_the_context_is_reported(base: Path, reference: tuple[Engine, Tokenizer]) -> None:
     """The test model never stops, so a generous --max-tokens runs into its 64-token context."""
     engine, tokenizer = reference
-    prompt = tokenizer.render_for_completion([{"role": "user", "content": "hello there"}])
+    prompt = render_for_completion(tokenizer, [{"role": "user", "content": "hello there"}])
     reply = [column[0] for column, _ in engine.generate(prompt, max_tokens=64 - len(prompt), temperature=0.0)]
     result = run_chat(base, "--max-tokens", "100", stdin="hello there\nhow are you\n")
     assert result.returncode == 0, result.stderr
@@ -194,10 +232,13 @@ def test_reply_cut_off_by_the_context_is_reported(base: Path, reference: tuple[E
     assert "(the conversation fills the model's 64-token context; type 'clear')" in result.stdout
 
 
-def test_ctrl_c_at_the_prompt_leaves_quietly(base: Path) -> None:
+@pytest.mark.parametrize("inherited", [signal.SIG_DFL, signal.SIG_IGN], ids=["default", "ignored"])
+def test_ctrl_c_at_the_prompt_leaves_quietly(base: Path, inherited: signal.Handlers) -> None:
+    """A shell starts background jobs (`cmd &`) with SIGINT ignored; the job must still stop on it."""
     command, env = chat_command(base)
     with subprocess.Popen(command, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE) as process:
+                          stderr=subprocess.PIPE, preexec_fn=lambda: signal.signal(signal.SIGINT, inherited)
+                          ) as process:
         assert process.stdout is not None
         seen = b""
         while not seen.endswith(b"User: "):
@@ -205,26 +246,35 @@ def test_ctrl_c_at_the_prompt_leaves_quietly(base: Path) -> None:
             assert chunk, "the CLI exited before prompting"
             seen += chunk
         process.send_signal(signal.SIGINT)
-        _, stderr = process.communicate(timeout=60)
+        stdout, stderr = process.communicate(timeout=60)
     assert process.returncode == 130
-    assert stderr == b""
+    assert stdout == b"\n"  # the prompt's line is ended
+    assert stderr == b"interrupted\n"
 
 
 def test_ctrl_c_while_loading_leaves_quietly(base: Path, monkeypatch: pytest.MonkeyPatch,
                                             capsys: pytest.CaptureFixture[str]) -> None:
-    namespace = script_namespace()
-
     def interrupted(*args: Any, **kwargs: Any) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setitem(namespace, "load_model", interrupted)
+    monkeypatch.setattr(checkpoint, "load_model", interrupted)
     try:
-        code = namespace["main"](["--checkpoint", str(base / "checkpoints" / "d2"), "--device-type", "cpu",
-                                  "-p", "hi"])
+        with pytest.raises(SystemExit) as exit_info:
+            chat_module.main(["--checkpoint", str(base / "checkpoints" / "d2"), "--device-type", "cpu", "-p", "hi"])
     except KeyboardInterrupt:  # caught here, or it would stop the whole test session
         pytest.fail("Ctrl-C while loading escaped main()")
-    assert code == 130
-    assert capsys.readouterr().err == ""
+    assert exit_info.value.code == 130
+    assert capsys.readouterr().err == "interrupted\n"
+
+
+def test_per_turn_seeds_stay_in_64_bits(reference: tuple[Engine, Tokenizer], monkeypatch: pytest.MonkeyPatch,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """Each turn samples with its own seed (seed + turn): from the largest seed it must wrap, not overflow."""
+    engine, tokenizer = reference
+    chat = chat_module.Chat(engine, tokenizer, context=64, temperature=1.0, top_k=None, max_tokens=3)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hello there\nhow are you\n"))
+    chat_module.chat_loop(chat, seed=2**64 - 1)
+    assert capsys.readouterr().out.count("Assistant: ") == 2
 
 
 def test_closed_stdout_is_not_a_traceback(base: Path) -> None:
@@ -269,8 +319,8 @@ def test_streaming_holds_back_split_characters(reference: tuple[Engine, Tokenize
     (as U+FFFD) rather than silently dropping it."""
     tokenizer = reference[1]
     script = [ord("c"), 0xC3, 0xA9, 0xC3]
-    chat = script_namespace()["Chat"](ScriptedEngine(script), tokenizer, context=64, temperature=0.0,
-                                      top_k=None, max_tokens=len(script))
+    chat = chat_module.Chat(ScriptedEngine(script), tokenizer, context=64, temperature=0.0,  # type: ignore[arg-type]
+                            top_k=None, max_tokens=len(script))
     stdout = RecordedWrites()
     monkeypatch.setattr(sys, "stdout", stdout)
     assert chat.answer([tokenizer.bos_token_id], seed=0) == script

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -185,6 +186,8 @@ def test_missing_files(saved: Path) -> None:
     (lambda text: json.dumps(dict(json.loads(text), format_version=FORMAT_VERSION + 1)), "format version"),
     (lambda text: json.dumps({k: v for k, v in json.loads(text).items() if k != "model_config"}),
      "missing required keys.*model_config"),
+    (lambda text: json.dumps(dict(json.loads(text), step="6")), "'step' must be a non-negative integer, got '6'"),
+    (lambda text: json.dumps(dict(json.loads(text), tokenizer_dir=7)), "'tokenizer_dir' must be a path string"),
 ])
 def test_bad_meta_json(saved: Path, mutate, message: str) -> None:  # type: ignore[no-untyped-def]
     meta_path = saved / META_FILE
@@ -231,10 +234,7 @@ def test_load_model_rebuilds_an_identical_model(tmp_path: Path) -> None:
     tokenizer.save(tok_dir)
     config = gpt.GPTConfig(sequence_len=32, vocab_size=tokenizer.vocab_size, n_layer=2, n_head=2, n_kv_head=2,
                            n_embd=64)
-    with torch.device("meta"):
-        model = gpt.GPT(config)
-    model.to_empty(device="cpu")
-    model.init_weights()
+    model = gpt.build_model(config, "cpu")
     with torch.no_grad():
         for p in model.parameters():  # init zeroes some projections: make every weight matter
             p.add_(0.01 * torch.randn_like(p))
@@ -253,3 +253,75 @@ def test_load_model_rebuilds_an_identical_model(tmp_path: Path) -> None:
     (tok_dir / "extra.txt").write_text("the tokenizer directory changed")
     with pytest.raises(CheckpointError, match="not the one this model was trained with"):
         load_model(tmp_path / "ckpt", "cpu")
+
+
+def test_a_save_cleans_the_temp_files_a_killed_save_left(tmp_path: Path) -> None:
+    model = Tiny()
+    target = save_checkpoint(tmp_path, 3, model, None, META)
+    stale = target / f".{MODEL_FILE}.0123456789abcdef.tmp"  # atomic_write's temp name, left by kill -9
+    stale.write_bytes(b"half a checkpoint")
+    save_checkpoint(tmp_path, 3, model, None, META)
+    assert not stale.exists()
+
+
+def test_resuming_cleans_the_temp_files_a_killed_save_left(saved: Path) -> None:
+    stale = saved / f".{optim_filename(0)}.0123456789abcdef.tmp"
+    stale.write_bytes(b"half an optimizer state")
+    load_checkpoint(saved.parent)  # resume: load_optimizer=True
+    assert not stale.exists()
+
+
+def tiny_gpt_checkpoint(root: Path, **config_overrides: int) -> tuple[Path, gpt.GPT, Tokenizer]:
+    tokenizer = Tokenizer.train(["hello world, checkpoints are fun! 123"] * 20, vocab_size=256 + 9 + 20)
+    config = gpt.GPTConfig(sequence_len=32, vocab_size=tokenizer.vocab_size, n_layer=2, n_head=2, n_kv_head=2,
+                           n_embd=64)
+    model = gpt.build_model(config, "cpu")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    save_checkpoint(root, 5, model, None, {"dataloader_state": None}, tokenizer=tokenizer)
+    return root, model.eval(), tokenizer
+
+
+def test_the_tokenizer_travels_inside_the_step_directory(tmp_path: Path) -> None:
+    root, model, tokenizer = tiny_gpt_checkpoint(tmp_path / "ckpt")
+    assert (step_dir(root, 5) / "tokenizer" / "tokenizer.json").is_file()
+    assert json.loads((step_dir(root, 5) / META_FILE).read_text())["tokenizer_dir"] == "tokenizer"
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    step_dir(root, 5).rename(moved / "step_000005")  # the original place is gone
+    loaded, loaded_tok, _ = load_model(moved, "cpu")
+    idx = torch.tensor([tokenizer.encode("hello", prepend="<|bos|>")])
+    with torch.no_grad():
+        assert torch.equal(loaded(idx), model(idx))
+
+
+def test_a_format_1_checkpoint_still_loads(tmp_path: Path) -> None:
+    """Format 1: absolute tokenizer path and 0-d smear/backout scalars."""
+    root, model, tokenizer = tiny_gpt_checkpoint(tmp_path / "ckpt")
+    target = step_dir(root, 5)
+    tokenizer.save(tmp_path / "abs_tok")
+    meta = json.loads((target / META_FILE).read_text())
+    meta.update(format_version=1, tokenizer_dir=str(tmp_path / "abs_tok"))
+    meta.pop("tokenizer_id")
+    (target / META_FILE).write_text(json.dumps(meta))
+    state = torch.load(target / MODEL_FILE)
+    state["smear_lambda"] = state["smear_lambda"].reshape(())
+    state["backout_lambda"] = state["backout_lambda"].reshape(())
+    torch.save(state, target / MODEL_FILE)
+    shutil.rmtree(target / "tokenizer")
+    loaded, _, _ = load_model(root, "cpu")
+    assert loaded.smear_lambda.shape == (1,)
+    idx = torch.tensor([tokenizer.encode("hello", prepend="<|bos|>")])
+    with torch.no_grad():
+        assert torch.equal(loaded(idx), model(idx))
+
+
+def test_a_checkpoint_asking_for_a_huge_model_is_refused_before_allocating(tmp_path: Path) -> None:
+    root, _, _ = tiny_gpt_checkpoint(tmp_path / "ckpt")
+    meta_path = step_dir(root, 5) / META_FILE
+    meta = json.loads(meta_path.read_text())
+    meta["model_config"].update(n_layer=4000, n_embd=16384, n_head=128, n_kv_head=128)
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="needs at least .* but only .* is free"):
+        load_model(root, "cpu")

@@ -105,10 +105,14 @@ def test_next_turn_extends_a_rendered_conversation(tok: Tokenizer) -> None:
         render_next_turn(tok, None)  # type: ignore[arg-type]
 
 
-def test_tokenizer_methods_delegate_here(tok: Tokenizer) -> None:
-    convo = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hi"}]
-    assert tok.render_conversation(convo, max_tokens=5) == render_conversation(tok, convo, 5)
-    assert tok.render_for_completion(convo) == render_for_completion(tok, convo)
+def test_the_tokenizer_module_knows_nothing_of_the_chat_template() -> None:
+    import subprocess
+    import sys
+
+    code = "import sys, nanochat_rs.tokenizer; print('nanochat_rs.conversation' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+    assert not hasattr(Tokenizer, "render_conversation") and not hasattr(Tokenizer, "render_for_completion")
 
 
 @pytest.mark.parametrize(("messages", "match"), [

@@ -7,6 +7,7 @@ Downloads run against a real HTTP server on 127.0.0.1 started by the tests, whos
 from __future__ import annotations
 
 import io
+import queue
 import socket
 import threading
 from collections.abc import Iterator
@@ -49,8 +50,15 @@ class Script:
     truncate_first: int = 0      # then send only half the body (full Content-Length) N times
     honor_range: bool = True
     delay_s: float = 0.0
+    drip_first: int = 0          # answer the first N requests one byte every DRIP_S, for DRIP_BYTES bytes
+    dripped: queue.Queue[int] = field(default_factory=queue.Queue)  # bytes each drip sent before it ended
     requests: list[tuple[str, str | None]] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    stop: threading.Event = field(default_factory=threading.Event)  # set by the fixture: end every drip
+
+
+DRIP_S = 0.3
+DRIP_BYTES = 20  # a drip ends (as a truncated transfer) after 6 s, so a client without a deadline finishes too
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -67,6 +75,8 @@ class Handler(BaseHTTPRequestHandler):
             script.fail_first -= fail
             truncate = not fail and script.truncate_first > 0
             script.truncate_first -= truncate
+            drip = not fail and not truncate and script.drip_first > 0
+            script.drip_first -= drip
         if script.delay_s:
             threading.Event().wait(script.delay_s)
         if fail:
@@ -90,8 +100,25 @@ class Handler(BaseHTTPRequestHandler):
         payload = body[start:]
         self.send_header("Content-Length", str(len(payload)))
         self.end_headers()
+        if drip:
+            self.drip(script, payload)
+            return
         self.wfile.write(payload[: len(payload) // 2] if truncate else payload)
         self.wfile.flush()
+        self.close_connection = True
+
+    def drip(self, script: Script, payload: bytes) -> None:
+        sent = 0
+        for byte in payload[:DRIP_BYTES]:
+            if script.stop.wait(DRIP_S):
+                break
+            try:
+                self.wfile.write(bytes([byte]))
+                self.wfile.flush()
+            except OSError:  # the client gave up
+                break
+            sent += 1
+        script.dripped.put(sent)
         self.close_connection = True
 
 
@@ -105,6 +132,7 @@ def server() -> Iterator[tuple[str, Script]]:
     try:
         yield f"http://127.0.0.1:{httpd.server_address[1]}/data", script
     finally:
+        script.stop.set()
         httpd.shutdown()
         httpd.server_close()
 
@@ -165,6 +193,14 @@ def test_falls_back_to_embedded_corpus_with_a_note(tmp_path: Path, monkeypatch: 
     files = list_parquet_files()
     assert files == sorted(embedded_corpus_dir().glob("shard_*.parquet"))
     assert "embedded corpus" in capsys.readouterr().out
+
+
+def test_a_missing_embedded_corpus_is_an_install_problem(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NANOCHAT_DATA_DIR", str(tmp_path / "empty"))
+    monkeypatch.setattr(dataset, "embedded_corpus_dir", lambda: tmp_path / "gone")
+    with pytest.raises(FileNotFoundError, match="reinstall nanochat_rs") as info:
+        list_parquet_files()
+    assert "scripts/" not in str(info.value)  # wheels ship no scripts
 
 
 def test_embedded_corpus_is_small_valid_text_with_a_val_shard() -> None:
@@ -338,6 +374,82 @@ def test_download_shards_fetches_a_range_in_parallel(tmp_path: Path, server: tup
     assert list_parquet_files(tmp_path) == paths
 
 
+def test_a_dripping_server_is_abandoned_and_the_download_resumed(tmp_path: Path, server: tuple[str, Script],
+                                                                 shard0: bytes) -> None:
+    """Each byte arrives well within the socket timeout, so only a deadline on the whole attempt
+    (here 1 s plus 1 s per 100 kB received) stops waiting for the rest."""
+    url, script = server
+    script.files[shard_filename(0)] = shard0
+    script.drip_first = 1
+    path = download_shard(0, data_dir=tmp_path, base_url=url, deadline_base_s=1.0, min_bytes_per_s=100e3, **FAST)
+    assert path.read_bytes() == shard0
+    assert script.dripped.get(timeout=30) < DRIP_BYTES  # the client left mid-drip
+    requests = gets(script)
+    assert len(requests) == 2 and requests[1][1] is not None  # the retry continued where the drip ended
+
+
+def test_a_server_too_slow_on_every_attempt_is_a_download_error(tmp_path: Path, server: tuple[str, Script],
+                                                               shard0: bytes) -> None:
+    url, script = server
+    script.files[shard_filename(0)] = shard0
+    script.drip_first = 2
+    with pytest.raises(DownloadError, match=r"after 2 attempts.*too slow: \d+ bytes in \d+ s"):
+        download_shard(0, data_dir=tmp_path, base_url=url, max_attempts=2, deadline_base_s=1.0, **FAST)
+    assert not (tmp_path / shard_filename(0)).exists()
+
+
+def checksummed_parquet(texts: list[str]) -> bytes:
+    buffer = io.BytesIO()
+    pq.write_table(pa.table({"text": texts}), buffer, write_page_checksum=True)
+    return buffer.getvalue()
+
+
+def corrupt(shard: bytes, where: str) -> bytes:
+    """`shard` damaged between its PAR1 magic markers, which stay intact."""
+    data = bytearray(shard)
+    if where == "page":  # one flipped byte halfway through the pages of the first column chunk
+        column = pq.ParquetFile(io.BytesIO(shard)).metadata.row_group(0).column(0)
+        first_page = column.dictionary_page_offset or column.data_page_offset
+        data[first_page + column.total_compressed_size // 2] ^= 0xFF
+    else:  # the footer (metadata) overwritten
+        footer_len = int.from_bytes(shard[-8:-4], "little")
+        data[-8 - footer_len:-8] = b"\xff" * footer_len
+    return bytes(data)
+
+
+@pytest.mark.parametrize("damage", ["page", "footer", "no text column"])
+def test_a_shard_with_a_damaged_body_is_not_installed(tmp_path: Path, server: tuple[str, Script],
+                                                      damage: str) -> None:
+    url, script = server
+    shard = checksummed_parquet([f"document {i} " * 40 for i in range(100)])
+    if damage == "no text column":
+        buffer = io.BytesIO()
+        pq.write_table(pa.table({"body": ["a", "b"]}), buffer)
+        served = buffer.getvalue()
+    else:
+        served = corrupt(shard, damage)
+    assert served[:4] == served[-4:] == b"PAR1"  # the magic bytes alone would pass it
+    script.files[shard_filename(0)] = served
+    with pytest.raises(DownloadError, match="after 2 attempts.*not a readable parquet shard"):
+        download_shard(0, data_dir=tmp_path, base_url=url, max_attempts=2, **FAST)
+    assert len(gets(script)) == 2  # a damaged transfer may be a transient fault: downloaded again
+    assert not (tmp_path / shard_filename(0)).exists()
+    assert not (tmp_path / (shard_filename(0) + ".partial")).exists()  # the next try starts afresh
+
+
+def test_main_reports_errors_in_one_line(tmp_path: Path, server: tuple[str, Script],
+                                         monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    url, _ = server  # serves no shards: 404
+    monkeypatch.setenv("NANOCHAT_DATA_URL", url)
+    for argv, code, message in ((["-n", "1"], 1, "HTTP 404"), (["-n", "-1"], 2, "--num-shards must be >= 0"),
+                                (["-w", "0"], 2, "--workers must be >= 1")):
+        with pytest.raises(SystemExit) as info:
+            dataset.main([*argv, "--data-dir", str(tmp_path)])
+        assert info.value.code == code
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
 def test_missing_shard_is_not_retried(tmp_path: Path, server: tuple[str, Script]) -> None:
     url, script = server
     with pytest.raises(DownloadError, match="HTTP 404"):
@@ -348,7 +460,7 @@ def test_missing_shard_is_not_retried(tmp_path: Path, server: tuple[str, Script]
 def test_non_parquet_response_is_rejected(tmp_path: Path, server: tuple[str, Script]) -> None:
     url, script = server
     script.files[shard_filename(0)] = b"<html>captive portal login</html>" * 10
-    with pytest.raises(DownloadError, match="not parquet"):
+    with pytest.raises(DownloadError, match="not a readable parquet shard .missing PAR1"):
         download_shard(0, data_dir=tmp_path, base_url=url, max_attempts=2, **FAST)
     assert list(tmp_path.glob("shard_*.parquet")) == []
 

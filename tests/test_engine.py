@@ -3,6 +3,7 @@ reproducibly, stop rows correctly and force calculator output into the stream.""
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -15,6 +16,7 @@ from nanochat_rs import engine as engine_module
 from nanochat_rs import kv_cache
 from nanochat_rs.engine import Engine, KVCache, sample_next_token
 from nanochat_rs.gpt import GPT, GPTConfig
+from nanochat_rs.sampling import MAX_SEED, MAX_TEMPERATURE, MIN_TEMPERATURE, check_sampling_args
 from nanochat_rs.tokenizer import Tokenizer
 
 _CORPUS = ["The quick brown fox jumps over the lazy dog. 12 + 30 = 42, and 7 * 6 is 42 too!",
@@ -66,6 +68,14 @@ def naive_greedy(model: GPT, prompt: list[int], max_tokens: int) -> list[int]:
 
 def test_kv_cache_is_re_exported() -> None:
     assert KVCache is kv_cache.KVCache
+
+
+def test_the_engine_module_is_a_library_not_a_job() -> None:
+    """Jobs are `nanochat-<job>` modules; the engine has no command line of its own (nor the
+    checkpoint loading and device setup a command line would pull in)."""
+    source = inspect.getsource(engine_module)
+    for job_only in ("argparse", "__main__", "nanochat_rs.checkpoint", "nanochat_rs.common"):
+        assert job_only not in source
 
 
 @pytest.mark.parametrize(("prompt_len", "max_tokens", "n_kv_head"), [(1, 24, 2), (20, 30, 1)])
@@ -155,6 +165,18 @@ def test_sampled_tokens_come_from_the_top_k(data: st.DataObject, rows: int, voca
     allowed = torch.topk(logits, min(top_k, vocab), dim=-1).indices
     for row in range(rows):
         assert sampled[row].item() in allowed[row].tolist()
+
+
+@pytest.mark.parametrize("temperature", [MIN_TEMPERATURE, MAX_TEMPERATURE])
+def test_the_extreme_allowed_temperatures_sample_real_tokens(temperature: float) -> None:
+    """The bounds of check_sampling_args leave softmax finite for logits far beyond the model's
+    soft cap of 15, with and without a top-k mask."""
+    logits = torch.tensor([[1e3, -1e3, 0.0, 15.0], [-15.0, 15.0, 3.0, 2.0]])
+    for top_k in (None, 2):
+        sampled = sample_next_token(logits, torch.Generator().manual_seed(0), temperature, top_k)
+        assert all(0 <= token < 4 for token in sampled.tolist())
+    check_sampling_args(1, temperature, None, MAX_SEED)
+    torch.Generator().manual_seed(MAX_SEED)  # the largest seed the check allows is one torch takes
 
 
 def test_temperature_zero_is_argmax_and_ignores_the_generator() -> None:
@@ -281,8 +303,13 @@ def test_the_caller_is_not_left_in_inference_mode(tok: Tokenizer) -> None:
     (dict(temperature=-0.1), ValueError, "temperature"),
     (dict(temperature=float("nan")), ValueError, "temperature"),
     (dict(temperature=float("inf")), ValueError, "temperature"),
+    (dict(temperature=1e-40), ValueError, "use 0 for greedy"),  # 1/T overflows: softmax would be NaN
+    (dict(temperature=1e308), ValueError, "temperature"),
+    (dict(temperature="1"), TypeError, "temperature"),
     (dict(top_k=0), ValueError, "top_k"),
-    (dict(seed=1.5), ValueError, "seed"),
+    (dict(seed=1.5), TypeError, "seed"),
+    (dict(seed=2**64), ValueError, "64 bits"),  # torch.Generator.manual_seed overflows
+    (dict(seed=-1), ValueError, "64 bits"),
     (dict(tokens=list(range(64))), ValueError, "fills the model's context"),
 ])
 def test_bad_arguments_fail_early_and_clearly(tok: Tokenizer, kwargs: dict[str, Any], error: type,

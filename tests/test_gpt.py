@@ -38,11 +38,15 @@ def token_batch(batch: int, length: int, seed: int = 0, vocab: int = 100) -> tor
     (dict(n_embd=30, n_head=10, n_kv_head=10), "even"),
     (dict(n_embd=16, n_head=2), "at least 24"),
     (dict(n_layer=0), "n_layer"),
-    (dict(vocab_size=2.5), "vocab_size"),
 ])
 def test_bad_configs_are_rejected(overrides: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         GPTConfig(**{**TINY, **overrides})
+
+
+def test_a_config_field_of_the_wrong_type_is_a_type_error() -> None:
+    with pytest.raises(TypeError, match="GPTConfig.vocab_size must be an int, got float"):
+        GPTConfig(**{**TINY, "vocab_size": 2.5})
 
 
 @pytest.mark.parametrize(("depth", "head_dim", "dim", "heads"), [

@@ -3,13 +3,16 @@ full forward exactly (prefill chunks, token-by-token decode, sliding windows, sm
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from model_helpers import random_gpt
-from nanochat_rs.gpt import GPT, GPTConfig
+from nanochat_rs import kv_cache
+from nanochat_rs.gpt import GPT, GPTConfig, build_model
 from nanochat_rs.kv_cache import KVCache
 
 # seq 256 -> short window 128, so sequences of ~200 tokens cross it
@@ -20,9 +23,9 @@ def random_model(seed: int = 0, **overrides: object) -> GPT:
     return random_gpt(GPTConfig(**{**CONFIG, **overrides}), seed)  # type: ignore[arg-type]
 
 
-def new_cache(model: GPT, batch: int, seq_len: int) -> KVCache:
+def new_cache(model: GPT, batch: int, max_seq_len: int) -> KVCache:
     c = model.config
-    return KVCache(batch_size=batch, num_kv_heads=c.n_kv_head, seq_len=seq_len, head_dim=c.head_dim,
+    return KVCache(batch_size=batch, num_kv_heads=c.n_kv_head, max_seq_len=max_seq_len, head_dim=c.head_dim,
                    num_layers=c.n_layer, device="cpu", dtype=torch.float32, n_embd=c.n_embd)
 
 
@@ -34,9 +37,10 @@ def tokens(batch: int, length: int, seed: int = 0) -> torch.Tensor:
 
 
 def test_layout_and_bookkeeping() -> None:
-    cache = KVCache(batch_size=3, num_kv_heads=2, seq_len=10, head_dim=4, num_layers=5, device="cpu",
+    cache = KVCache(batch_size=3, num_kv_heads=2, max_seq_len=10, head_dim=4, num_layers=5, device="cpu",
                     dtype=torch.float32, n_embd=8)
     assert cache.k_cache.shape == cache.v_cache.shape == (5, 3, 10, 2, 4)
+    assert cache.max_seq_len == 10 and cache.remaining() == 10
     assert cache.cache_seqlens.dtype == torch.int32 and cache.cache_seqlens.tolist() == [0, 0, 0]
     assert cache.get_pos() == 0 and cache.prev_embedding is None
     k, v = cache.get_layer_cache(2)
@@ -55,22 +59,32 @@ def test_layout_and_bookkeeping() -> None:
         cache.get_layer_cache(5)
 
 
+def test_the_cache_module_does_not_need_the_model() -> None:
+    """kv_cache sits below gpt (gpt imports it), so it must not import gpt, not even for type hints."""
+    source = Path(kv_cache.__file__).read_text()
+    assert "nanochat_rs.gpt" not in source and "from .gpt" not in source
+    model = random_model()
+    cache = KVCache.for_model(model.config, 2, 30, "cpu")  # any object with the model's shape fields
+    assert (cache.num_layers, cache.num_kv_heads, cache.head_dim, cache.n_embd, cache.max_seq_len) == (
+        4, 1, 32, 64, 30)
+
+
 def test_constructor_and_smear_state_validation() -> None:
     with pytest.raises(ValueError, match="batch_size"):
-        KVCache(batch_size=0, num_kv_heads=1, seq_len=4, head_dim=4, num_layers=1, device="cpu")
-    cache = KVCache(batch_size=2, num_kv_heads=1, seq_len=4, head_dim=4, num_layers=1, device="cpu", n_embd=8)
+        KVCache(batch_size=0, num_kv_heads=1, max_seq_len=4, head_dim=4, num_layers=1, device="cpu")
+    cache = KVCache(batch_size=2, num_kv_heads=1, max_seq_len=4, head_dim=4, num_layers=1, device="cpu", n_embd=8)
     with pytest.raises(ValueError, match="smear state"):
         cache.set_prev_embedding(torch.ones(2, 1, 9))
 
 
 def test_prefill_replicates_a_batch_one_cache() -> None:
-    single = KVCache(batch_size=1, num_kv_heads=2, seq_len=6, head_dim=4, num_layers=3, device="cpu",
+    single = KVCache(batch_size=1, num_kv_heads=2, max_seq_len=6, head_dim=4, num_layers=3, device="cpu",
                      dtype=torch.float32, n_embd=8)
     single.k_cache.normal_()
     single.v_cache.normal_()
     single.advance(5)
     single.set_prev_embedding(torch.randn(1, 1, 8))
-    many = KVCache(batch_size=4, num_kv_heads=2, seq_len=9, head_dim=4, num_layers=3, device="cpu",
+    many = KVCache(batch_size=4, num_kv_heads=2, max_seq_len=9, head_dim=4, num_layers=3, device="cpu",
                    dtype=torch.float32, n_embd=8)
     many.prefill(single)
     assert many.get_pos() == 5 and many.cache_seqlens.tolist() == [5] * 4
@@ -81,10 +95,10 @@ def test_prefill_replicates_a_batch_one_cache() -> None:
     assert torch.equal(many.prev_embedding, single.prev_embedding.expand(4, 1, 8))
     with pytest.raises(ValueError, match="batch-1"):
         single.prefill(many)
-    other_shape = KVCache(batch_size=1, num_kv_heads=1, seq_len=6, head_dim=4, num_layers=3, device="cpu")
+    other_shape = KVCache(batch_size=1, num_kv_heads=1, max_seq_len=6, head_dim=4, num_layers=3, device="cpu")
     with pytest.raises(ValueError, match="geometry"):
         many.prefill(other_shape)
-    small = KVCache(batch_size=2, num_kv_heads=2, seq_len=4, head_dim=4, num_layers=3, device="cpu")
+    small = KVCache(batch_size=2, num_kv_heads=2, max_seq_len=4, head_dim=4, num_layers=3, device="cpu")
     with pytest.raises(ValueError, match="more than"):
         small.prefill(single)
 
@@ -195,10 +209,7 @@ def test_cache_errors_are_clear() -> None:
 def test_cuda_cache_and_windowed_training_in_the_compute_dtype() -> None:
     """On CUDA the model runs in COMPUTE_DTYPE (bf16 on SM >= 8) through FA3 or FlexAttention: the
     windowed training forward/backward is finite and the cached decode tracks the full forward."""
-    with torch.device("meta"):
-        model = GPT(GPTConfig(**CONFIG))  # type: ignore[arg-type]
-    model.to_empty(device="cuda")
-    model.init_weights()
+    model = build_model(GPTConfig(**CONFIG), "cuda")  # type: ignore[arg-type]
     with torch.no_grad():
         for block in model.transformer.h:  # non-zero output projections, so attention matters
             block.attn.c_proj.weight.normal_(0, 0.05)
@@ -209,7 +220,7 @@ def test_cuda_cache_and_windowed_training_in_the_compute_dtype() -> None:
     loss.backward()
     assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
     c = model.config
-    cache = KVCache(batch_size=2, num_kv_heads=c.n_kv_head, seq_len=200, head_dim=c.head_dim,
+    cache = KVCache(batch_size=2, num_kv_heads=c.n_kv_head, max_seq_len=200, head_dim=c.head_dim,
                     num_layers=c.n_layer, device="cuda", n_embd=c.n_embd)
     with torch.no_grad():
         full = model(idx)

@@ -1,4 +1,5 @@
-"""Spec for optim.MuonAdamW: Polar Express, NorMuon, cautious weight decay, AdamW math, ZeRO-2 sharding."""
+"""Spec for optim.MuonAdamW: MuonEq, Polar Express, Muon+, NorMuon, cautious weight decay, AdamW math,
+compiled == eager, ZeRO-2 sharding."""
 
 from __future__ import annotations
 
@@ -17,17 +18,30 @@ import torch
 import torch.distributed as dist
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from nanochat_rs import common, optim
+from nanochat_rs import common, optim, recipe
 from nanochat_rs.optim import (
     MuonAdamW,
     cautious_weight_decay_step_,
-    normuon_,
+    muon_eq,
+    muon_plus,
+    normuon,
     orthogonalization_dtype,
     polar_express,
 )
 
 SETTINGS = settings(max_examples=20, deadline=None)
 TESTS_DIR = Path(__file__).resolve().parent
+
+
+def muon(params: list[torch.Tensor], **overrides: Any) -> dict[str, Any]:
+    """A complete muon group (MuonAdamW requires every hyperparameter) with the recipe's values."""
+    return {"kind": "muon", "params": params, "lr": recipe.MATRIX_LR, "momentum": recipe.MUON_MOMENTUM,
+            "ns_steps": recipe.MUON_NS_STEPS, "beta2": recipe.MUON_BETA2, "weight_decay": 0.0, **overrides}
+
+
+def adamw(params: list[torch.Tensor], **overrides: Any) -> dict[str, Any]:
+    return {"kind": "adamw", "params": params, "lr": 0.01, "betas": (0.8, 0.95), "eps": recipe.ADAMW_EPS,
+            "weight_decay": 0.0, **overrides}
 
 
 @pytest.fixture(autouse=True)
@@ -137,17 +151,17 @@ def test_orthogonalization_dtype_follows_compute_dtype(monkeypatch: pytest.Monke
 def test_muon_step_iterates_in_orthogonalization_dtype(monkeypatch: pytest.MonkeyPatch, compute: torch.dtype,
                                                        expected: torch.dtype) -> None:
     monkeypatch.setattr(common, "COMPUTE_DTYPE", compute)
-    seen: list[torch.dtype | None] = []
+    seen: list[torch.dtype] = []
     real = optim.polar_express
 
     def spy(G: torch.Tensor, steps: int = 5, dtype: torch.dtype | None = None) -> torch.Tensor:
-        seen.append(dtype)
+        seen.append(dtype or G.dtype)
         return real(G, steps, dtype)
 
     monkeypatch.setattr(optim, "polar_express", spy)
     w = torch.nn.Parameter(torch.randn(8, 16))
     w.grad = torch.randn(8, 16)
-    MuonAdamW([{"kind": "muon", "params": [w], "lr": 0.02}]).step()
+    MuonAdamW([muon([w])]).step()
     assert seen == [expected]
     assert w.dtype == torch.float32
 
@@ -162,7 +176,7 @@ def test_normuon_preserves_each_matrix_norm(rows: int, cols: int, beta2: float, 
     gen = torch.Generator().manual_seed(seed)
     u = torch.randn(3, rows, cols, generator=gen, dtype=torch.float64)
     state = torch.rand(optim.normuon_state_shape(3, rows, cols), generator=gen, dtype=torch.float64)
-    out = normuon_(u.clone(), state, beta2)
+    out = normuon(u.clone(), state, beta2)
     torch.testing.assert_close(out.norm(dim=(-2, -1)), u.norm(dim=(-2, -1)))
 
 
@@ -174,7 +188,7 @@ def test_normuon_equalises_the_long_side(rows: int, cols: int) -> None:
     u = torch.randn(2, rows, cols, generator=gen, dtype=torch.float64) * torch.rand(2, rows, 1, generator=gen,
                                                                                       dtype=torch.float64)
     state = torch.zeros(optim.normuon_state_shape(2, rows, cols), dtype=torch.float64)
-    out = normuon_(u.clone(), state, 0.0)
+    out = normuon(u.clone(), state, 0.0)
     dim = -1 if rows >= cols else -2
     norms = out.norm(dim=dim)
     torch.testing.assert_close(norms, norms[..., :1].expand_as(norms))
@@ -184,7 +198,7 @@ def test_normuon_equalises_the_long_side(rows: int, cols: int) -> None:
 def test_normuon_second_moment_is_an_ema() -> None:
     u = torch.full((1, 4, 2), 2.0)
     state = torch.full((1, 4, 1), 1.0)
-    normuon_(u, state, 0.9)
+    normuon(u, state, 0.9)
     torch.testing.assert_close(state, torch.full((1, 4, 1), 0.9 * 1.0 + 0.1 * 4.0))
 
 
@@ -194,25 +208,28 @@ def test_normuon_second_moment_is_an_ema() -> None:
 
 def reference_muon(params: list[torch.Tensor], grads_per_step: list[list[torch.Tensor]], *, lr: float,
                    momentum: float, beta2: float, wd: float) -> list[torch.Tensor]:
-    """Matrix by matrix, formula by formula, in float64."""
+    """Matrix by matrix, formula by formula (nanochat's Muon step), in float64."""
     params = [p.double().clone() for p in params]
     bufs = [torch.zeros_like(p) for p in params]
     rows, cols = params[0].shape
     per_row = rows >= cols
     vs = [torch.zeros((rows, 1) if per_row else (1, cols), dtype=torch.float64) for _ in params]
+    effective_lr = lr * math.sqrt(max(1.0, rows / cols))
     for grads in grads_per_step:
         for i, g in enumerate(grads):
             g = g.double()
             bufs[i] = momentum * bufs[i] + (1 - momentum) * g
-            nesterov = (1 - momentum) * g + momentum * bufs[i]
-            o = polar_express(nesterov, 5, torch.float64)
+            x = (1 - momentum) * g + momentum * bufs[i]
+            row_norms = x.norm(dim=1, keepdim=True)
+            x = x * (x.norm() / math.sqrt(rows)) / row_norms  # MuonEq
+            o = polar_express(x, 5, torch.float64)
+            o = o * math.sqrt(min(rows, cols)) / o.norm()  # Muon+
             v_now = (o**2).mean(dim=1, keepdim=True) if per_row else (o**2).mean(dim=0, keepdim=True)
             vs[i] = beta2 * vs[i] + (1 - beta2) * v_now
             s = o / torch.sqrt(torch.clamp(vs[i], min=1e-10))
             s = s * (torch.linalg.norm(o) / torch.linalg.norm(s))
-            s = s * math.sqrt(max(1.0, rows / cols))
             keep = (s * params[i] >= 0).double()
-            params[i] = params[i] - lr * s - lr * wd * params[i] * keep
+            params[i] = params[i] - effective_lr * s - effective_lr * wd * params[i] * keep
     return params
 
 
@@ -223,8 +240,8 @@ def test_muon_matches_reference(shape: tuple[int, int]) -> None:
     grads_per_step = [[torch.randn(*shape, generator=gen, dtype=torch.float64) for _ in params] for _ in range(4)]
     hyper = dict(lr=0.05, momentum=0.9, beta2=0.8, wd=0.3)
     expected = reference_muon([p.detach() for p in params], grads_per_step, **hyper)
-    opt = MuonAdamW([{"kind": "muon", "params": params, "lr": hyper["lr"], "momentum": hyper["momentum"],
-                      "beta2": hyper["beta2"], "weight_decay": hyper["wd"]}])
+    opt = MuonAdamW([muon(params, lr=hyper["lr"], momentum=hyper["momentum"], beta2=hyper["beta2"],
+                          weight_decay=hyper["wd"])])
     for grads in grads_per_step:
         for p, g in zip(params, grads, strict=True):
             p.grad = g.clone()
@@ -233,11 +250,106 @@ def test_muon_matches_reference(shape: tuple[int, int]) -> None:
         torch.testing.assert_close(p.detach(), e, rtol=1e-9, atol=1e-10)
 
 
+# ---------------------------------------------------------------------------------------------
+# MuonEq and Muon+
+
+
+@SETTINGS
+@given(rows=st.integers(2, 40), cols=st.integers(2, 40), seed=st.integers(0, 10**6))
+def test_muon_eq_equalises_every_row_norm_to_the_mean(rows: int, cols: int, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    X = torch.randn(3, rows, cols, generator=gen, dtype=torch.float64) * torch.rand(3, rows, 1, generator=gen,
+                                                                                      dtype=torch.float64) * 10
+    out = muon_eq(X)
+    target = X.norm(dim=(-2, -1), keepdim=True).squeeze(-1) / math.sqrt(rows)
+    torch.testing.assert_close(out.norm(dim=-1), target.expand(3, rows))
+    # a row rescaling: every row keeps its direction
+    cosine = (out * X).sum(-1) / (out.norm(dim=-1) * X.norm(dim=-1))
+    torch.testing.assert_close(cosine, torch.ones_like(cosine))
+
+
+def test_muon_eq_leaves_a_zero_row_zero() -> None:
+    X = torch.randn(4, 6)
+    X[2] = 0
+    out = muon_eq(X)
+    assert torch.equal(out[2], torch.zeros(6)) and torch.isfinite(out).all()
+
+
+@SETTINGS
+@given(rows=st.integers(1, 40), cols=st.integers(1, 40), scale=st.floats(1e-3, 1e3), seed=st.integers(0, 10**6))
+def test_muon_plus_sets_the_frobenius_norm_to_sqrt_min_dim(rows: int, cols: int, scale: float, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    U = torch.randn(2, rows, cols, generator=gen, dtype=torch.float64) * scale
+    out = muon_plus(U)
+    torch.testing.assert_close(out.norm(dim=(-2, -1)), torch.full((2,), math.sqrt(min(rows, cols)),
+                                                                  dtype=torch.float64))
+    torch.testing.assert_close(out / out.norm(dim=(-2, -1), keepdim=True), U / U.norm(dim=(-2, -1), keepdim=True))
+
+
+def test_muon_accepts_beta2_one_which_disables_the_second_moment() -> None:
+    """beta2 = 1 (nanochat's own test uses it): the update is Muon+ output, no per-row reweighting."""
+    gen = torch.Generator().manual_seed(4)
+    p0 = torch.randn(12, 8, generator=gen, dtype=torch.float64)
+    g = torch.randn(12, 8, generator=gen, dtype=torch.float64)
+    p = torch.nn.Parameter(p0.clone())
+    p.grad = g.clone()
+    MuonAdamW([muon([p], lr=0.1, momentum=0.0, beta2=1.0)]).step()
+    x = g * (g.norm() / math.sqrt(12)) / g.norm(dim=1, keepdim=True)
+    o = polar_express(x, 5, torch.float64)
+    o = o * math.sqrt(8) / o.norm()
+    torch.testing.assert_close(p.detach(), p0 - 0.1 * math.sqrt(12 / 8) * o, rtol=1e-9, atol=1e-10)
+
+
+def test_muon_converges_on_a_least_squares_problem() -> None:
+    """nanochat's convergence property: the Muon weights get within half their starting distance of
+    the target in a fixed number of steps."""
+    gen = torch.Generator().manual_seed(0)
+    target = torch.randn(32, 16, generator=gen)
+    inputs = torch.randn(256, 16, generator=gen)
+    w = torch.nn.Parameter(torch.zeros(32, 16))
+    opt = MuonAdamW([muon([w], lr=0.1, beta2=1.0)])
+    start = (w.detach() - target).norm()
+    for _ in range(100):
+        loss = ((inputs @ w.T - inputs @ target.T) ** 2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert (w.detach() - target).norm() < 0.5 * start
+
+
+def compile_works() -> bool:
+    try:
+        torch.compile(lambda x: x * 2, dynamic=False)(torch.ones(2))
+    except Exception:  # no C++ compiler, unsupported Python, ...
+        return False
+    return True
+
+
+@pytest.mark.skipif(not compile_works(), reason="torch.compile does not work on this machine")
+def test_compiled_step_equals_eager_step() -> None:
+    def run(compiled: bool) -> list[torch.Tensor]:
+        gen = torch.Generator().manual_seed(8)
+        mats = [torch.nn.Parameter(torch.randn(16, 24, generator=gen)) for _ in range(2)]
+        tall = [torch.nn.Parameter(torch.randn(24, 16, generator=gen))]
+        emb = torch.nn.Parameter(torch.randn(10, 4, generator=gen).to(torch.bfloat16))
+        opt = MuonAdamW([muon(mats, weight_decay=0.1), muon(tall), adamw([emb], weight_decay=0.01)],
+                        compiled_step=compiled)
+        for step in range(3):
+            for p in (*mats, *tall, emb):
+                p.grad = torch.randn(p.shape, generator=gen).to(p.dtype)
+            opt.param_groups[0]["lr"] = 0.02 * (step + 1)  # new values reach the compiled graph
+            opt.step()
+        return [p.detach().float() for p in (*mats, *tall, emb)]
+
+    for eager, compiled in zip(run(False), run(True), strict=True):
+        torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
+
+
 def test_muon_state_is_stacked_per_group() -> None:
     params = [torch.nn.Parameter(torch.randn(6, 10)) for _ in range(3)]
     for p in params:
         p.grad = torch.randn(6, 10)
-    opt = MuonAdamW([{"kind": "muon", "params": params, "lr": 0.02}])
+    opt = MuonAdamW([muon(params)])
     opt.step()
     state = opt.state[params[0]]
     assert state["momentum_buffer"].shape == (3, 6, 10)
@@ -253,7 +365,7 @@ def test_cautious_weight_decay_only_where_signs_agree() -> None:
     p = torch.tensor([1.0, 1.0, -2.0, -2.0, 3.0, 0.5])
     u = torch.tensor([0.5, -0.5, -1.0, 1.0, 0.0, 0.25])
     out = p.clone()
-    cautious_weight_decay_step_(out, u, lr=0.1, weight_decay=0.5)
+    cautious_weight_decay_step_(out, u, 0.1, 0.5)
     agree = torch.tensor([True, False, True, False, True, True])
     expected = p - 0.1 * u - 0.1 * 0.5 * p * agree
     torch.testing.assert_close(out, expected)
@@ -272,9 +384,10 @@ def test_muon_weight_decay_is_cautious_end_to_end() -> None:
     for weight_decay in (0.0, wd):
         p = torch.nn.Parameter(p0.clone())
         p.grad = g.clone()
-        MuonAdamW([{"kind": "muon", "params": [p], "lr": lr, "weight_decay": weight_decay}]).step()
+        MuonAdamW([muon([p], lr=lr, weight_decay=weight_decay)]).step()
         results.append(p.detach())
     no_wd, with_wd = results
+    lr = lr * math.sqrt(max(1.0, 12 / 20))  # the decay uses the (aspect-scaled) effective LR
     update = (p0 - no_wd) / lr
     agree = update * p0 >= 0
     assert agree.any() and (~agree).any()
@@ -294,7 +407,7 @@ def make_adamw_params(dtype: torch.dtype, seed: int = 0) -> list[torch.nn.Parame
 def test_adamw_matches_torch_adamw(weight_decay: float) -> None:
     ours, theirs = make_adamw_params(torch.float32), make_adamw_params(torch.float32)
     hyper = dict(lr=0.03, betas=(0.8, 0.95), eps=1e-8, weight_decay=weight_decay)
-    opt = MuonAdamW([{"kind": "adamw", "params": ours, **hyper}])
+    opt = MuonAdamW([adamw(ours, **hyper)])
     ref = torch.optim.AdamW(theirs, foreach=False, **hyper)
     gen = torch.Generator().manual_seed(1)
     for _ in range(6):
@@ -312,7 +425,7 @@ def test_adamw_math_is_fp32_for_bf16_params() -> None:
     ours = make_adamw_params(torch.bfloat16)
     ref = [torch.nn.Parameter(p.detach().float().clone()) for p in ours]
     hyper = dict(lr=0.01, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.05)
-    opt = MuonAdamW([{"kind": "adamw", "params": ours, **hyper}])
+    opt = MuonAdamW([adamw(ours, **hyper)])
     ref_opt = torch.optim.AdamW(ref, foreach=False, **hyper)
     gen = torch.Generator().manual_seed(2)
     for _ in range(5):
@@ -334,7 +447,7 @@ def test_adamw_math_is_fp32_for_bf16_params() -> None:
 def test_adamw_skips_params_without_grad() -> None:
     a, b = torch.nn.Parameter(torch.ones(4)), torch.nn.Parameter(torch.ones(4))
     a.grad = torch.ones(4)
-    opt = MuonAdamW([{"kind": "adamw", "params": [a, b], "lr": 0.1, "weight_decay": 0.5}])
+    opt = MuonAdamW([adamw([a, b], lr=0.1, weight_decay=0.5)])
     opt.step()
     assert not torch.equal(a.detach(), torch.ones(4))
     assert torch.equal(b.detach(), torch.ones(4)) and len(opt.state[b]) == 0
@@ -344,29 +457,31 @@ def test_adamw_skips_params_without_grad() -> None:
 # Construction, state, communication
 
 
-def test_initial_lr_and_defaults_recorded() -> None:
+def test_initial_lr_recorded_and_every_hyperparameter_required() -> None:
     w, e = torch.nn.Parameter(torch.zeros(4, 8)), torch.nn.Parameter(torch.zeros(3))
-    opt = MuonAdamW([{"kind": "muon", "params": [w], "lr": 0.02, "weight_decay": 0.28},
-                     {"kind": "adamw", "params": [e], "lr": 0.3}])
+    opt = MuonAdamW([muon([w], lr=0.02, weight_decay=0.28), adamw([e], lr=0.3)])
     muon_group, adamw_group = opt.param_groups
     assert muon_group["initial_lr"] == 0.02 and muon_group["initial_weight_decay"] == 0.28
-    assert muon_group["ns_steps"] == 5 and muon_group["beta2"] == 0.95
-    assert adamw_group["initial_lr"] == 0.3 and adamw_group["betas"] == (0.8, 0.95)
+    assert adamw_group["initial_lr"] == 0.3
+    for group, key in ((muon([w]), "beta2"), (adamw([e]), "betas"), (adamw([e]), "eps")):
+        del group[key]
+        with pytest.raises(ValueError, match=key):
+            MuonAdamW([group])
 
 
 @pytest.mark.parametrize(("groups", "error"), [
     ([], ValueError),
     ([{"kind": "sgd", "params": [torch.nn.Parameter(torch.zeros(2))], "lr": 0.1}], ValueError),
     ([{"kind": "adamw", "params": [torch.nn.Parameter(torch.zeros(2))]}], ValueError),
-    ([{"kind": "adamw", "params": [], "lr": 0.1}], ValueError),
-    ([{"kind": "adamw", "params": [torch.nn.Parameter(torch.zeros(2))], "lr": -1.0}], ValueError),
-    ([{"kind": "adamw", "params": [torch.nn.Parameter(torch.zeros(2))], "lr": 0.1, "betas": (0.9, 1.0)}], ValueError),
-    ([{"kind": "adamw", "params": [torch.nn.Parameter(torch.zeros(2))], "lr": "0.1"}], TypeError),
-    ([{"kind": "muon", "params": [torch.nn.Parameter(torch.zeros(2, 3)), torch.nn.Parameter(torch.zeros(3, 2))],
-       "lr": 0.1}], ValueError),
-    ([{"kind": "muon", "params": [torch.nn.Parameter(torch.zeros(6))], "lr": 0.1}], ValueError),
-    ([{"kind": "muon", "params": [torch.nn.Parameter(torch.zeros(2, 3))], "lr": 0.1, "ns_steps": 6}], ValueError),
-    ([{"kind": "muon", "params": [torch.nn.Parameter(torch.zeros(2, 3))], "lr": 0.1, "momentum": 1.0}], ValueError),
+    ([adamw([])], ValueError),
+    ([adamw([torch.nn.Parameter(torch.zeros(2))], lr=-1.0)], ValueError),
+    ([adamw([torch.nn.Parameter(torch.zeros(2))], betas=(0.9, 1.0))], ValueError),
+    ([adamw([torch.nn.Parameter(torch.zeros(2))], lr="0.1")], TypeError),
+    ([muon([torch.nn.Parameter(torch.zeros(2, 3)), torch.nn.Parameter(torch.zeros(3, 2))])], ValueError),
+    ([muon([torch.nn.Parameter(torch.zeros(6))])], ValueError),
+    ([muon([torch.nn.Parameter(torch.zeros(2, 3))], ns_steps=6)], ValueError),
+    ([muon([torch.nn.Parameter(torch.zeros(2, 3))], momentum=1.0)], ValueError),
+    ([muon([torch.nn.Parameter(torch.zeros(2, 3))], beta2=1.5)], ValueError),
     ("not a list", TypeError),
 ])
 def test_bad_groups_are_rejected_clearly(groups: Any, error: type[Exception]) -> None:
@@ -384,8 +499,7 @@ def mixed_setup() -> tuple[list[torch.nn.Parameter], MuonAdamW]:
     torch.manual_seed(0)
     mats = [torch.nn.Parameter(torch.randn(8, 12)) for _ in range(2)]
     emb = torch.nn.Parameter(torch.randn(10, 4).to(torch.bfloat16))
-    opt = MuonAdamW([{"kind": "muon", "params": mats, "lr": 0.02, "weight_decay": 0.1},
-                     {"kind": "adamw", "params": [emb], "lr": 0.01}])
+    opt = MuonAdamW([muon(mats, lr=0.02, weight_decay=0.1), adamw([emb], lr=0.01)])
     return [*mats, emb], opt
 
 
@@ -437,13 +551,13 @@ def test_single_process_makes_no_communication_calls(monkeypatch: pytest.MonkeyP
 
 def test_apply_schedules_drives_the_optimizer() -> None:
     _, opt = mixed_setup()
-    optim.apply_schedules(opt, 0, 100, warmup_steps=4)
+    optim.apply_schedules(opt, 0, 100, recipe.Schedule(warmup_steps=4))
     muon_group, adamw_group = opt.param_groups
     assert muon_group["lr"] == pytest.approx(0.02 * 0.25)
     assert adamw_group["lr"] == pytest.approx(0.01 * 0.25)
     assert muon_group["momentum"] == pytest.approx(0.85)
     assert "momentum" not in adamw_group
-    optim.apply_schedules(opt, 50, 100, warmup_steps=4)
+    optim.apply_schedules(opt, 50, 100, recipe.Schedule(warmup_steps=4))
     assert muon_group["weight_decay"] == pytest.approx(0.1 * 0.5)
     assert muon_group["initial_lr"] == 0.02
 

@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
+import json
+import os
 import random
 import string
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import pyarrow as pa
@@ -13,7 +19,7 @@ import rustbpe
 import tiktoken
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from nanochat_rs.tokenizer import DEFAULT_PATTERN, SPECIAL_TOKENS, Tokenizer
+from nanochat_rs.tokenizer import DEFAULT_PATTERN, SPECIAL_TOKENS, Tokenizer, get_tokenizer
 
 N_SPECIAL = len(SPECIAL_TOKENS)
 
@@ -258,20 +264,120 @@ def test_save_load_round_trip(trained: Tokenizer, tmp_path) -> None:
 
 
 def test_load_errors_are_clear(tmp_path, trained: Tokenizer) -> None:
-    with pytest.raises(FileNotFoundError, match="no tokenizer"):
+    with pytest.raises(FileNotFoundError, match="no tokenizer") as missing:
         Tokenizer.load(tmp_path / "missing")
+    # wheels ship no scripts/: the message names the installed command
+    assert "nanochat-tok-train" in str(missing.value) and "scripts/" not in str(missing.value)
     trained.save(tmp_path / "tok")
     (tmp_path / "tok" / "ranks.tiktoken").write_text("not base64 at all!\n")
+    with pytest.raises(ValueError, match="does not match"):  # the metadata records the ranks' sha256
+        Tokenizer.load(tmp_path / "tok")
+    meta = json.loads((tmp_path / "tok" / "tokenizer.json").read_text())
+    del meta["ranks_sha256"]  # as saved before the hash was recorded: the lines are parsed
+    (tmp_path / "tok" / "tokenizer.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="corrupt line 1"):
         Tokenizer.load(tmp_path / "tok")
     (tmp_path / "tok" / "ranks.tiktoken").write_text("YQ== first\n")
     with pytest.raises(ValueError, match="corrupt line 1"):
+        Tokenizer.load(tmp_path / "tok")
+    (tmp_path / "tok" / "tokenizer.json").write_text(json.dumps({**meta, "ranks_sha256": "../x"}))
+    with pytest.raises(ValueError, match="malformed ranks_sha256"):
         Tokenizer.load(tmp_path / "tok")
     with pytest.raises(ValueError, match="token 256 repeats the bytes of token 97"):
         Tokenizer([bytes([b]) for b in range(256)] + [b"a"])  # ambiguous ranks, as a bad file would give
     (tmp_path / "tok" / "tokenizer.json").write_text("{")
     with pytest.raises(ValueError, match="corrupt tokenizer metadata"):
         Tokenizer.load(tmp_path / "tok")
+
+
+class _Crash(BaseException):
+    """The process dies here: nothing after it runs, not even cleanup handlers."""
+
+
+@contextmanager
+def _dies_at_file_operation(monkeypatch: pytest.MonkeyPatch, crash_at: int) -> Iterator[None]:
+    """Every rename, replace and unlink before the `crash_at`-th one happens; that one and all later
+    ones raise _Crash (a dead process renames and removes nothing more)."""
+    calls = itertools.count()
+    for name in ("replace", "rename", "unlink", "rmdir"):
+        real = getattr(os, name)
+
+        def dying(*args, _real=real, **kwargs):
+            if next(calls) >= crash_at:
+                raise _Crash
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(os, name, dying)
+    try:
+        yield
+    finally:
+        monkeypatch.undo()
+
+
+def test_a_save_over_a_tokenizer_that_dies_midway_leaves_one_complete_pair(tmp_path, monkeypatch) -> None:
+    # Different vocabulary sizes, so that the ranks of one with the metadata of the other do not load.
+    old = Tokenizer.train(["the cat sat on the mat"] * 5, 256 + N_SPECIAL + 10)
+    new = Tokenizer.train(["a dog ran in the park, 12 times"] * 5, 256 + N_SPECIAL + 20)
+    clean = tmp_path / "clean"
+    new.save(clean)
+    for crash_at in itertools.count():
+        assert crash_at < 100, "a save should not take a hundred file operations"
+        directory = tmp_path / f"tok{crash_at}"
+        old.save(directory)
+        completed = False
+        with _dies_at_file_operation(monkeypatch, crash_at):
+            try:
+                new.save(directory)
+                completed = True
+            except _Crash:
+                pass
+        loaded = Tokenizer.load(directory).mergeable_ranks()
+        assert loaded in (old.mergeable_ranks(), new.mergeable_ranks()), f"crash at operation {crash_at}"
+        if completed:
+            assert loaded == new.mergeable_ranks()
+        new.save(directory)  # the next save leaves nothing of the interrupted one behind
+        assert sorted(os.listdir(directory)) == sorted(os.listdir(clean))
+        assert Tokenizer.load(directory).mergeable_ranks() == new.mergeable_ranks()
+        if completed:
+            break
+
+
+def test_load_never_mixes_the_files_of_two_saves(tmp_path) -> None:
+    # Same size and pattern: the two metadata files differ only in what identifies the ranks.
+    one = Tokenizer.train(["the cat sat on the mat"] * 5, 256 + N_SPECIAL + 10)
+    other = Tokenizer.train(["a dog ran in the park"] * 5, 256 + N_SPECIAL + 10)
+    assert one.vocab_size == other.vocab_size and one.mergeable_ranks() != other.mergeable_ranks()
+    one.save(tmp_path / "a")
+    other.save(tmp_path / "b")
+    (tmp_path / "b" / "ranks.tiktoken").replace(tmp_path / "a" / "ranks.tiktoken")
+    with pytest.raises(ValueError, match="does not match"):
+        Tokenizer.load(tmp_path / "a")
+
+
+def test_get_tokenizer_only_loads(tmp_path, trained: Tokenizer) -> None:
+    with pytest.raises(FileNotFoundError, match="nanochat-tok-train") as missing:
+        get_tokenizer(tmp_path / "none")
+    assert "python -m nanochat_rs.tok_train" in str(missing.value) and "\n" not in str(missing.value)
+    assert not (tmp_path / "none").exists()
+    trained.save(tmp_path / "tok")
+    assert get_tokenizer(tmp_path / "tok").mergeable_ranks() == trained.mergeable_ranks()
+
+
+# ---- a split pattern that does not cover the text --------------------------------------------------
+
+
+def test_a_pattern_that_skips_text_warns_once_with_the_bytes_dropped() -> None:
+    docs = ["abc 123 déf", "xyz 45"] * 3  # the letters are 7 of 12 bytes, then 3 of 6
+    with pytest.warns(UserWarning, match=r"did not match 24 of 54 bytes") as record:
+        Tokenizer.train(docs, 256 + N_SPECIAL + 5, pattern=r"\p{L}+")
+    assert len(record) == 1
+
+
+@pytest.mark.parametrize("pattern", [None, r"\p{L}+|\p{N}+|[^\p{L}\p{N}]+"])
+def test_a_pattern_that_covers_the_text_does_not_warn(pattern: str | None) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Tokenizer.train(["abc 123 déf", "xyz 45\n\n"], 256 + N_SPECIAL + 5, pattern=pattern)
 
 
 # ---- bad input: clear Python exceptions, never a panic ---------------------------------------------
@@ -335,7 +441,7 @@ def test_bad_encode_arguments(trained: Tokenizer) -> None:
         trained.encode(["a"], num_threads=0)
 
 
-# ---- tok_train.py's report -------------------------------------------------------------------------
+# ---- the tok_train job's report -------------------------------------------------------------------------
 
 
 def _slow_bytes_read(shards, chars: int, doc_cap: int) -> int:
@@ -355,7 +461,7 @@ def _slow_bytes_read(shards, chars: int, doc_cap: int) -> int:
 def test_training_report_counts_the_bytes_actually_read(tmp_path, max_chars: int, chars_read: int) -> None:
     # Capped at 12 chars the training documents have 12, 0, 0, 12, 10 and 12 chars; the document
     # that crosses the budget is read whole.
-    from nanochat_rs.tok_training import train_on_shards
+    from nanochat_rs.tok_train import train_on_shards
 
     shards = []
     for i, docs in enumerate([["héllo wörld 🎉🎉", None, "", "abc " * 20], ["ñandú über", "x" * 50],

@@ -25,7 +25,7 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from nanochat_rs import fp8
+from nanochat_rs import fp8, pretrain, recipe
 from nanochat_rs.checkpoint import (
     META_FILE,
     CheckpointError,
@@ -36,22 +36,21 @@ from nanochat_rs.checkpoint import (
     step_dir,
 )
 from nanochat_rs.pretrain import (
-    BASE_LRS,
-    BASE_WEIGHT_DECAY,
-    REFERENCE_BATCH_TOKENS,
-    LoopState,
+    StepTimer,
     TrainConfig,
     check_fp8_device,
     peak_flops,
     plan_training,
     progress_line,
     resolve_config,
-    round_batch,
     train,
 )
 from nanochat_rs.tokenizer import Tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
+REFERENCE_BATCH_TOKENS = 2**19
+BASE_LRS = {"embedding_lr": 0.3, "unembedding_lr": 0.008, "matrix_lr": 0.02, "scalar_lr": 0.5}  # nanochat's
+BASE_WEIGHT_DECAY = 0.28
 
 # ---- the depth dial ------------------------------------------------------------------------------
 
@@ -64,23 +63,24 @@ def speedrun(depth: int, **overrides: object) -> TrainConfig:
                                          (26, (1664, 13)), (13, (896, 7))])
 def test_model_dims_round_up_to_whole_heads(depth: int, dims: tuple[int, int]) -> None:
     config = plan_training(speedrun(depth), vocab_size=32768).model_config
-    assert (config["n_embd"], config["n_head"]) == dims
-    assert config["n_kv_head"] == config["n_head"] and config["n_layer"] == depth
+    assert (config.n_embd, config.n_head) == dims
+    assert config.n_kv_head == config.n_head and config.n_layer == depth
 
 
-@given(tokens=st.floats(1, 2**30), micro_exp=st.integers(0, 20))
-def test_round_batch_is_a_nearby_power_of_two_multiple_of_the_micro_step(tokens: float, micro_exp: int) -> None:
+@given(ratio=st.floats(1e-3, 1e3), micro_exp=st.integers(0, 20))
+def test_batch_is_a_nearby_power_of_two_multiple_of_the_micro_step(ratio: float, micro_exp: int) -> None:
     micro = 2**micro_exp
-    batch = round_batch(tokens, micro)
+    batch = recipe.optimal_batch_tokens(ratio * 1e9, 1e9, micro)
+    ideal = REFERENCE_BATCH_TOKENS * ratio**0.383
     assert batch % micro == 0 and batch >= micro
     assert batch & (batch - 1) == 0  # power-of-two micro steps keep the power of two
     if batch > micro:
-        assert abs(math.log2(batch) - math.log2(tokens)) <= 0.5 + 1e-9
+        assert abs(math.log2(batch) - math.log2(ideal)) <= 0.5 + 1e-9
 
 
 def test_depth_12_is_the_reference_point() -> None:
     plan = plan_training(speedrun(12), vocab_size=32768)
-    assert plan.model_config["n_embd"] == 768 and plan.model_config["n_head"] == 6
+    assert plan.model_config.n_embd == 768 and plan.model_config.n_head == 6
     assert plan.total_batch_size == REFERENCE_BATCH_TOKENS
     assert plan.lr_scale == 1.0 and plan.lrs == BASE_LRS
     assert plan.target_tokens == 8 * plan.num_scaling_params
@@ -118,7 +118,7 @@ def test_cpu_preset_is_tiny_and_unscaled() -> None:
     config = resolve_config(TrainConfig(), "cpu")
     assert config.preset == "cpu" and config.seq_len <= 512
     plan = plan_training(config, vocab_size=4096)
-    assert plan.model_config["n_embd"] <= 256
+    assert plan.model_config.n_embd <= 256
     assert plan.lr_scale == 1.0 and plan.weight_decay == BASE_WEIGHT_DECAY
     assert resolve_config(TrainConfig(), "cuda").preset == "speedrun"
 
@@ -126,7 +126,7 @@ def test_cpu_preset_is_tiny_and_unscaled() -> None:
 def test_bad_configs_raise_value_errors() -> None:
     with pytest.raises(ValueError, match="preset"):
         resolve_config(TrainConfig(preset="huge"), "cpu")
-    with pytest.raises(ValueError, match="depth must be a positive int"):
+    with pytest.raises(ValueError, match="depth must be >= 1, got 0"):
         resolve_config(TrainConfig(depth=0), "cpu")
     with pytest.raises(ValueError, match="num_iterations"):
         resolve_config(TrainConfig(num_iterations=-5), "cpu")
@@ -134,6 +134,27 @@ def test_bad_configs_raise_value_errors() -> None:
         resolve_config(TrainConfig(resume_step=3), "cpu")
     with pytest.raises(ValueError, match="not a multiple"):
         plan_training(resolve_config(TrainConfig(total_batch_size=1000), "cpu"), vocab_size=4096)
+    for ratio in (math.inf, math.nan, -1.0, 0.0):
+        with pytest.raises(ValueError, match="target_param_data_ratio must be a finite number in"):
+            resolve_config(TrainConfig(target_param_data_ratio=ratio), "cpu")
+    with pytest.raises(ValueError, match="matrix_lr must be a finite number in"):
+        resolve_config(TrainConfig(matrix_lr=math.nan), "cpu")
+    with pytest.raises(ValueError, match="warmdown_ratio"):
+        resolve_config(TrainConfig(warmdown_ratio=2.0), "cpu")
+
+
+def test_recipe_flags_reach_the_plan_and_the_schedule() -> None:
+    config = resolve_config(TrainConfig(matrix_lr=0.04, embedding_lr=0.1, unembedding_lr=0.002, scalar_lr=0.3,
+                                        weight_decay=0.1, warmup_steps=5, warmdown_ratio=0.5, final_lr_frac=0.0),
+                            "cpu")
+    plan = plan_training(config, vocab_size=4096)
+    assert plan.lrs == {"embedding_lr": 0.1, "unembedding_lr": 0.002, "matrix_lr": 0.04, "scalar_lr": 0.3}
+    assert plan.weight_decay == 0.1
+    assert config.schedule == recipe.Schedule(warmup_steps=5, warmdown_ratio=0.5, final_lr_frac=0.0)
+    defaults = resolve_config(TrainConfig(), "cpu")
+    assert (defaults.matrix_lr, defaults.embedding_lr, defaults.unembedding_lr, defaults.scalar_lr,
+            defaults.weight_decay) == (0.02, 0.3, 0.008, 0.5, 0.28)
+    assert defaults.schedule == recipe.Schedule(warmup_steps=40, warmdown_ratio=0.65, final_lr_frac=0.05)
 
 
 def test_train_script_help() -> None:
@@ -141,9 +162,11 @@ def test_train_script_help() -> None:
     out = subprocess.run([sys.executable, str(REPO / "scripts" / "train.py"), "--help"], env=env,
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
-    for flag in ("--depth", "--device-type", "--fp8", "--compile", "--device-batch-size", "--total-batch-size",
+    for flag in ("--depth", "--device-type", "--fp8", "--no-compile", "--device-batch-size", "--total-batch-size",
                  "--num-iterations", "--seq-len", "--eval-every", "--eval-tokens", "--sample-every",
-                 "--save-every", "--resume", "--run-dir", "--preset", "--data-dir", "--seed"):
+                 "--save-every", "--resume", "--run-dir", "--preset", "--data-dir", "--seed", "--matrix-lr",
+                 "--embedding-lr", "--unembedding-lr", "--scalar-lr", "--weight-decay", "--warmup-steps",
+                 "--warmdown-ratio", "--final-lr-frac", "--target-param-data-ratio"):
         assert flag in out.stdout
 
 
@@ -170,12 +193,25 @@ def test_mfu_denominator_is_the_peak_of_the_gpu_in_use(name: str, flops: float |
 
 
 def test_progress_line_mfu_is_model_flops_over_the_peak_of_all_gpus() -> None:
-    loop = LoopState()
     # 1e9 FLOPs/token x 2**19 tokens in 1 s on 8 GPUs of 1e15 FLOP/s each: 2**19 / 8e6 of the peak
-    line = progress_line(5, 10, 2.5, 1.0, 2**19, loop, 1e9, 1e15, 8)
+    line = progress_line(5, 10, 2.5, 1.0, 2**19, None, 1e9, 1e15, 8)
     mfu = float(re.search(r"\| mfu ([\d.]+)%", line).group(1))  # type: ignore[union-attr]
     assert mfu == pytest.approx(100 * 2**19 / 8e6, abs=0.01)
-    assert "mfu" not in progress_line(5, 10, 2.5, 1.0, 2**19, loop, 1e9, None, 8)
+    assert "mfu" not in progress_line(5, 10, 2.5, 1.0, 2**19, None, 1e9, None, 8)
+
+
+def test_eta_follows_the_recent_step_time() -> None:
+    """Steps that slow from 0.1 s to 1 s: the ETA is the recent pace times the steps left (it said 1
+    min left for 8 min of work when it averaged over the whole run)."""
+    timer = StepTimer(window=5)
+    assert timer.eta_seconds(100) is None
+    for _ in range(50):
+        timer.add(0.1)
+    for _ in range(5):
+        timer.add(1.0)
+    assert timer.eta_seconds(480) == pytest.approx(480.0)
+    line = progress_line(5, 10, 2.5, 1.0, 2**19, timer.eta_seconds(480), 1e9, None, 1)
+    assert line.endswith("| eta 8.0 min")
 
 
 def test_fp8_on_a_gpu_without_fp8_tensor_cores_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -211,9 +247,10 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def tiny_config(root: Path, run: str, **overrides: object) -> TrainConfig:
+    # eager: compiling costs tens of seconds per run on CPU; compiled == eager is tested in test_optim
     config = TrainConfig(preset="cpu", device_type="cpu", depth=2, aspect_ratio=32, head_dim=32, seq_len=32,
                          device_batch_size=2, total_batch_size=128, num_iterations=20, eval_every=10,
-                         eval_tokens=128, sample_every=10, sample_max_tokens=4, save_every=10,
+                         eval_tokens=128, sample_every=10, sample_max_tokens=4, save_every=10, compile=False,
                          run_dir=str(root / run), data_dir=str(root / "data"),
                          tokenizer_dir=str(root / "tokenizer"))
     return replace(config, **overrides)  # type: ignore[arg-type]
@@ -361,3 +398,101 @@ def test_cuda_run_reports_mfu_and_checkpoints(workspace: Path, monkeypatch: pyte
     assert find_steps(workspace / "run_cuda") == [2, 4]
     model, _, _ = load_model(workspace / "run_cuda", "cuda")
     assert model.get_device().type == "cuda"
+
+
+# ---- checkpoints are self-contained; faults found by attacking the job -------------------------------
+
+
+def test_a_copied_checkpoint_loads_on_its_own(full_run: tuple[Path, dict, str], tmp_path: Path) -> None:
+    """The tokenizer travels inside the step directory: a copy elsewhere (another machine) loads."""
+    run_dir, _, _ = full_run
+    meta = json.loads((step_dir(run_dir, 20) / META_FILE).read_text())
+    assert meta["tokenizer_dir"] == "tokenizer" and meta["format_version"] == 2
+    copy = tmp_path / "elsewhere"
+    shutil.copytree(step_dir(run_dir, 20), step_dir(copy, 20))
+    model, tokenizer, _ = load_model(copy, "cpu")
+    want_model, want_tokenizer, _ = load_model(run_dir, "cpu")
+    ids = want_tokenizer.encode("the quick brown fox", prepend="<|bos|>")
+    assert tokenizer.encode("the quick brown fox", prepend="<|bos|>") == ids
+    assert torch.equal(model(torch.tensor([ids])), want_model(torch.tensor([ids])))
+
+
+def test_training_falls_back_to_eager_where_compile_is_unavailable(
+        workspace: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(workspace / "base"))
+    monkeypatch.setattr(pretrain, "compile_available", lambda device: "CppCompileError: no compiler")
+    summary = train(tiny_config(workspace, "run_no_compiler", compile=True, num_iterations=2, eval_every=0,
+                                sample_every=0, save_every=0))
+    out = capsys.readouterr().out
+    assert summary["steps"] == 2
+    assert "Note: torch.compile is unavailable here (CppCompileError: no compiler); training eagerly" in out
+    assert "| eager |" in out
+
+
+@pytest.mark.parametrize("overrides", [dict(depth=1000), dict(seq_len=10**9), dict(device_batch_size=10**9)])
+def test_a_model_or_batch_too_big_for_memory_is_refused_before_allocating(
+        workspace: Path, monkeypatch: pytest.MonkeyPatch, overrides: dict) -> None:
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(workspace / "base"))
+    config = tiny_config(workspace, "run_huge", num_iterations=1, **overrides)
+    config = replace(config, total_batch_size=config.device_batch_size * config.seq_len)  # type: ignore[operator]
+    with pytest.raises(ValueError, match=r"needs at least [\d,.]+ [KMGT]?B on cpu, but only [\d,.]+ [KMGT]?B is free"):
+        train(config)
+    assert not find_steps(workspace / "run_huge")
+
+
+def test_an_unwritable_checkpoint_directory_is_reported_before_training(
+        workspace: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(workspace / "base"))
+    blocker = workspace / "a_file"
+    blocker.write_text("not a directory")
+    with pytest.raises(OSError, match="cannot write checkpoints to .*a_file/run"):
+        train(tiny_config(workspace, "a_file/run"))
+    assert "step 00001" not in capsys.readouterr().out  # refused before the first step
+
+
+def test_a_full_disk_during_a_save_keeps_the_previous_checkpoint(
+        workspace: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from nanochat_rs import checkpoint
+
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(workspace / "base"))
+    real_write = checkpoint.atomic_write
+
+    def disk_full_at_step_4(path: Path, write, mode: str = "wb") -> None:  # noqa: ANN001
+        if "step_000004" in str(path) and path.name == "model.pt":
+            raise OSError(28, "No space left on device", str(path))
+        real_write(path, write, mode)
+
+    monkeypatch.setattr(checkpoint, "atomic_write", disk_full_at_step_4)
+    with pytest.raises(OSError, match="saving checkpoint step 4 .* failed \\(No space left on device\\); nothing "
+                                      "earlier was touched: the newest complete checkpoint is step 2"):
+        train(tiny_config(workspace, "run_disk_full", num_iterations=4, save_every=2, eval_every=0, sample_every=0))
+    assert find_steps(workspace / "run_disk_full") == [2]
+    load_model(workspace / "run_disk_full", "cpu")  # the previous checkpoint is intact
+
+
+def test_train_job_errors_are_one_line(workspace: Path) -> None:
+    env = dict(os.environ, PYTHONPATH=str(REPO / "python"), NANOCHAT_BASE_DIR=str(workspace / "base"))
+    base = [sys.executable, "-m", "nanochat_rs.train", "--device-type", "cpu", "--no-compile",
+            "--tokenizer-dir", str(workspace / "tokenizer"), "--data-dir", str(workspace / "data")]
+    cases = [(["--target-param-data-ratio", "inf"], "target_param_data_ratio must be a finite number"),
+             (["--target-param-data-ratio", "nan"], "target_param_data_ratio must be a finite number"),
+             (["--depth", "1000"], "needs at least"),
+             (["--warmdown-ratio", "3"], "warmdown_ratio must be a finite number in [0.0, 1.0], got 3.0")]
+    for args, message in cases:
+        out = subprocess.run(base + args, env=env, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 1, (args, out.stderr)
+        assert "Traceback" not in out.stderr and out.stderr.count("\n") == 1, out.stderr
+        assert out.stderr.startswith("error: ") and message in out.stderr, out.stderr
+
+
+def test_shards_whose_text_column_is_not_strings_are_a_one_line_error(workspace: Path, tmp_path: Path) -> None:
+    data = tmp_path / "numbers"
+    data.mkdir()
+    for shard in range(2):
+        pq.write_table(pa.table({"text": list(range(50))}), data / f"shard_{shard:05d}.parquet")
+    env = dict(os.environ, PYTHONPATH=str(REPO / "python"), NANOCHAT_BASE_DIR=str(workspace / "base"))
+    out = subprocess.run([sys.executable, "-m", "nanochat_rs.train", "--device-type", "cpu", "--no-compile",
+                          "--tokenizer-dir", str(workspace / "tokenizer"), "--data-dir", str(data),
+                          "--run-dir", str(tmp_path / "run")], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+    assert out.stderr.strip().endswith("the 'text' column must hold strings, got type int64"), out.stderr

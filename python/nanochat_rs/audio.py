@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nanochat_rs.common import COMPUTE_DTYPE
+from nanochat_rs.common import compute_dtype
 from nanochat_rs.gpt import Linear
 
 __all__ = ["Projector", "stack_frames"]
@@ -64,5 +64,5 @@ class Projector(nn.Module):
         if features.dim() != 3 or features.size(-1) != self.in_dim:
             raise ValueError(f"features must have shape (B, T_frames, in_dim={self.in_dim}), "
                              f"got {tuple(features.shape)}")
-        x = stack_frames(features.to(COMPUTE_DTYPE), self.stack, self.drop_remainder)
+        x = stack_frames(features.to(compute_dtype()), self.stack, self.drop_remainder)
         return self.fc2(F.gelu(self.fc1(x)))

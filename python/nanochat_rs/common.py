@@ -13,41 +13,60 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from nanochat_rs.errors import DeviceUnavailableError
+
 _DTYPE_NAMES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
                 "fp16": torch.float16, "float32": torch.float32, "fp32": torch.float32}
 
 
-def _detect_compute_dtype() -> torch.dtype:
-    """bf16 on CUDA with SM >= 8.0 (native bf16 tensor cores), fp32 everywhere else.
+def _detect_compute_dtype() -> tuple[torch.dtype, str | None]:
+    """bf16 on CUDA with SM >= 8.0 (native bf16 tensor cores), fp32 everywhere else; `NANOCHAT_DTYPE`
+    overrides the choice (e.g. to force fp32 on a GPU for debugging).
 
-    `NANOCHAT_DTYPE` overrides the choice (e.g. to force fp32 on a GPU for debugging).
+    Returns the dtype and, for an override that names no dtype, the error to raise where the dtype is
+    used (raising here would make every `import nanochat_rs.<module>` crash with a traceback).
     """
     override = os.environ.get("NANOCHAT_DTYPE")
     if override:
-        try:
-            return _DTYPE_NAMES[override.strip().lower()]
-        except KeyError:
-            raise ValueError(
-                f"NANOCHAT_DTYPE={override!r} is not one of {sorted(_DTYPE_NAMES)}"
-            ) from None
+        dtype = _DTYPE_NAMES.get(override.strip().lower())
+        if dtype is not None:
+            return dtype, None
     if torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 8:
-        return torch.bfloat16
-    return torch.float32
+        detected = torch.bfloat16
+    else:
+        detected = torch.float32
+    if override:
+        return detected, f"NANOCHAT_DTYPE={override!r} is not one of {sorted(_DTYPE_NAMES)}"
+    return detected, None
 
 
-COMPUTE_DTYPE: torch.dtype = _detect_compute_dtype()
+# Decided once, at import, so every module sees the same dtype. With a bad NANOCHAT_DTYPE it holds
+# the detected dtype and compute_dtype() (which compute_init calls) raises the error instead.
+COMPUTE_DTYPE: torch.dtype
+COMPUTE_DTYPE, _DTYPE_ERROR = _detect_compute_dtype()
+
+
+def compute_dtype() -> torch.dtype:
+    """The dtype of activations (`COMPUTE_DTYPE`), or a ValueError when NANOCHAT_DTYPE names no dtype."""
+    if _DTYPE_ERROR is not None:
+        raise ValueError(_DTYPE_ERROR)
+    return COMPUTE_DTYPE
 
 
 def base_dir() -> Path:
-    """Root of everything the project writes (data, tokenizer, checkpoints): `NANOCHAT_BASE_DIR`."""
-    root = os.environ.get("NANOCHAT_BASE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "nanochat_rs")
-    path = Path(root)
-    path.mkdir(parents=True, exist_ok=True)
+    """Root of everything the project writes (data, tokenizer, checkpoints): `NANOCHAT_BASE_DIR`,
+    default ~/.cache/nanochat_rs, created when missing."""
+    configured = os.environ.get("NANOCHAT_BASE_DIR")
+    path = Path(configured) if configured else Path.home() / ".cache" / "nanochat_rs"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        reason = "it exists and is not a directory" if path.exists() else e.strerror
+        # one argument, no filename: cli.run_job then prints this message as it is
+        default = "" if configured else " (the default)"
+        raise OSError(f"NANOCHAT_BASE_DIR={path}{default} is not a usable directory ({reason}); "
+                      "point NANOCHAT_BASE_DIR at a writable directory") from None
     return path
-
-
-class DeviceUnavailableError(RuntimeError):
-    """The requested device type exists in torch but not on this machine (a setup problem, not a bug)."""
 
 
 def autodetect_device_type() -> str:
@@ -89,6 +108,7 @@ def compute_init(device_type: str | None = None, seed: int = 42) -> tuple[DistIn
 
     NCCL on CUDA, gloo on CPU. Works for 'cuda', 'cpu' and 'mps' alike so scripts can run anywhere.
     """
+    compute_dtype()  # a bad NANOCHAT_DTYPE stops the job here, before any work
     device_type = device_type or autodetect_device_type()
     if device_type not in ("cuda", "cpu", "mps"):
         raise ValueError(f"device_type must be 'cuda', 'cpu' or 'mps', got {device_type!r}")

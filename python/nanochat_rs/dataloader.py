@@ -30,12 +30,11 @@ import pyarrow.parquet as pq
 import torch
 
 from nanochat_rs.common import get_dist_info
-from nanochat_rs.dataset import list_parquet_files
+from nanochat_rs.dataset import TEXT_COLUMN, check_text_column, list_parquet_files
 from nanochat_rs.packer import BestFitPacker
 from nanochat_rs.util import check_int
 
 STATE_VERSION = 1
-TEXT_COLUMN = "text"
 _POLL_S = 0.05  # how often a blocked worker checks whether the loader was closed
 
 
@@ -98,9 +97,7 @@ class DocumentStream:
                     self._parquet[1].close()
                 self._parquet = (file_index, pq.ParquetFile(self._files[file_index]))
             parquet = self._parquet[1]
-            if TEXT_COLUMN not in parquet.schema_arrow.names:
-                raise ValueError(f"{self._files[file_index]} has no {TEXT_COLUMN!r} column "
-                                 f"(columns: {parquet.schema_arrow.names})")
+            check_text_column(self._files[file_index], parquet.schema_arrow)
             self._loaded = (index, parquet.read_row_group(group, columns=[TEXT_COLUMN]).column(TEXT_COLUMN))
         return self._loaded[1]
 

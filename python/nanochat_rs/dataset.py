@@ -12,9 +12,11 @@ Downloads (`download_shard`, `download_shards`, or `python -m nanochat_rs.datase
   `os.replace` only once complete and validated, so a shard that exists is always whole;
 - resumable: an interrupted `.partial` is continued with an HTTP `Range` request (and restarted from
   scratch when the server ignores `Range`);
-- retried with exponential backoff on transient failures (connection errors, timeouts, 408/429/5xx);
+- retried with exponential backoff on transient failures (connection errors, timeouts, 408/429/5xx,
+  and transfers too slow to finish: see `download_shard`'s deadline);
 - safe under torchrun: a per-shard file lock makes concurrent ranks download each shard exactly once;
-- validated: a parquet file starts and ends with the magic bytes `PAR1`.
+- validated before the rename: the parquet footer must parse, the schema must hold a `text` string
+  column and every row group must decode (page checksums are verified where the file has them).
 """
 
 from __future__ import annotations
@@ -30,9 +32,13 @@ from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 from filelock import FileLock
 
+from nanochat_rs import cli
 from nanochat_rs.common import base_dir, print0
+from nanochat_rs.errors import DownloadError
 
 DEFAULT_DATA_URL = "https://huggingface.co/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main"
 """Public nanochat pretraining shards (FineWeb-Edu, pre-shuffled); `NANOCHAT_DATA_URL` overrides it."""
@@ -48,10 +54,6 @@ _CHUNK_BYTES = 1 << 20
 _RETRYABLE_HTTP = frozenset({408, 425, 429, 500, 502, 503, 504})
 _MAX_BACKOFF_S = 60.0
 _FALLBACK_NOTED: set[Path] = set()
-
-
-class DownloadError(RuntimeError):
-    """A shard could not be downloaded; the message says why and what to do about it."""
 
 
 class _TransientError(Exception):
@@ -112,7 +114,7 @@ def list_parquet_files(data_dir: str | os.PathLike[str] | None = None) -> list[P
     embedded = _shards_in(embedded_corpus_dir())
     if not embedded:
         raise FileNotFoundError(f"no shards in {configured} and the embedded corpus is missing from "
-                                f"{embedded_corpus_dir()} (rebuild it with scripts/make_embedded_corpus.py)")
+                                f"{embedded_corpus_dir()}: the installation is incomplete, reinstall nanochat_rs")
     if configured not in _FALLBACK_NOTED:  # once per process: loaders list files on every (re)start
         _FALLBACK_NOTED.add(configured)
         print0(f"Note: no shards in {configured}; using the embedded corpus ({len(embedded)} shards). "
@@ -136,6 +138,44 @@ def is_valid_parquet(path: str | os.PathLike[str]) -> bool:
     except OSError:
         return False
     return head == PARQUET_MAGIC and tail == PARQUET_MAGIC
+
+
+TEXT_COLUMN = "text"
+
+
+def _is_string_type(kind: pa.DataType) -> bool:
+    if pa.types.is_dictionary(kind):  # e.g. written with use_dictionary: still strings to every reader
+        kind = kind.value_type
+    return pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_string_view(kind)
+
+
+def check_text_column(shard: str | os.PathLike[str], schema: pa.Schema) -> None:
+    """ValueError unless the shard's schema has the `text` column of strings every reader needs."""
+    if TEXT_COLUMN not in schema.names:
+        raise ValueError(f"{shard} has no {TEXT_COLUMN!r} column (columns: "
+                         + ", ".join(f"{f.name}: {f.type}" for f in schema) + ")")
+    kind = schema.field(TEXT_COLUMN).type
+    if not _is_string_type(kind):
+        raise ValueError(f"{shard}: the {TEXT_COLUMN!r} column must hold strings, got type {kind}")
+
+
+def shard_problem(path: str | os.PathLike[str]) -> str | None:
+    """Why `path` is not a usable shard, or None when it is: the footer parses, the schema has a
+    `text` string column and every row group decodes, with page checksums verified where present.
+
+    Decoding reads the whole file (about a second for a 100 MB shard, small next to downloading it):
+    damage between intact PAR1 markers shows up nowhere else.
+    """
+    try:
+        with pq.ParquetFile(path, page_checksum_verification=True) as parquet:
+            check_text_column(path, parquet.schema_arrow)
+            for group in range(parquet.num_row_groups):  # one at a time: memory stays one row group
+                parquet.read_row_group(group, columns=[TEXT_COLUMN])
+    except ValueError as e:
+        return str(e)
+    except (OSError, pa.ArrowException) as e:
+        return f"{type(e).__name__}: {e}"
+    return None
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -168,11 +208,14 @@ def _open(url: str, offset: int, timeout: float) -> http.client.HTTPResponse:
     return urllib.request.urlopen(request, timeout=timeout)
 
 
-def _transfer(url: str, partial: Path, timeout: float) -> None:
+def _transfer(url: str, partial: Path, timeout: float, deadline_base_s: float, min_bytes_per_s: float) -> None:
     """Append the rest of `url` to `partial`, resuming from its current size when possible.
 
     Raises _TransientError for anything worth retrying; a non-retryable HTTP status raises DownloadError.
+    The body must arrive by `deadline_base_s + received / min_bytes_per_s` seconds after the request
+    started: the socket `timeout` alone never fires for a server that sends a byte now and then.
     """
+    started = time.monotonic()
     offset = partial.stat().st_size if partial.exists() else 0
     try:
         response = _open(url, offset, timeout)
@@ -206,9 +249,15 @@ def _transfer(url: str, partial: Path, timeout: float) -> None:
         received = 0
         try:
             with open(partial, mode) as f:
-                while chunk := response.read(_CHUNK_BYTES):
+                # read1: whatever one recv returns, so the deadline is checked as bytes trickle in
+                # (read(n) would block until n bytes arrived)
+                while chunk := response.read1(_CHUNK_BYTES):
                     f.write(chunk)
                     received += len(chunk)
+                    elapsed = time.monotonic() - started
+                    if elapsed > deadline_base_s + received / min_bytes_per_s:
+                        raise _TransientError(f"too slow: {received} bytes in {elapsed:.0f} s, below "
+                                              f"{min_bytes_per_s:.0f} bytes/s (resuming from byte {offset + received})")
                 f.flush()
                 os.fsync(f.fileno())
         except (OSError, http.client.HTTPException) as e:
@@ -222,30 +271,39 @@ def _transfer(url: str, partial: Path, timeout: float) -> None:
 # ---- download ---------------------------------------------------------------------------------
 
 
-def _finalize(partial: Path, dest: Path) -> bool:
-    """Move a complete, valid `partial` into place; a bad file is deleted (so the retry starts fresh)."""
-    if not is_valid_parquet(partial):
+def _finalize(partial: Path, dest: Path) -> str | None:
+    """Move a complete, valid `partial` into place and return None, or delete a bad one (so the retry
+    starts fresh) and return what is wrong with it."""
+    problem = "missing PAR1 magic bytes" if not is_valid_parquet(partial) else shard_problem(partial)
+    if problem is not None:
         partial.unlink(missing_ok=True)
-        return False
+        return problem
     with open(partial, "rb") as f:
         os.fsync(f.fileno())
     os.replace(partial, dest)
     _fsync_dir(dest.parent)
-    return True
+    return None
 
 
 def download_shard(index: int, *, data_dir: str | os.PathLike[str] | None = None,
                    base_url: str | None = None, max_attempts: int = 5, backoff_s: float = 1.0,
-                   timeout_s: float = 60.0, lock_timeout_s: float = -1) -> Path:
+                   timeout_s: float = 60.0, deadline_base_s: float = 60.0, min_bytes_per_s: float = 100e3,
+                   lock_timeout_s: float = -1) -> Path:
     """Download shard `index` into the data dir (unless it is already there) and return its path.
 
     Concurrent callers (threads, processes, torchrun ranks sharing a filesystem) serialise on a lock
     file, so the shard is fetched once. Retries wait `backoff_s * 2**attempt` seconds (capped at 60 s).
+
+    `timeout_s` bounds each wait for the server (connecting, each read). An attempt also ends, as a
+    retryable failure that keeps its bytes, once it has run `deadline_base_s + received /
+    min_bytes_per_s` seconds: with the defaults a 100 MB shard gets about 17 minutes, a server that
+    sends a byte now and then about a minute.
     """
     if max_attempts < 1:
         raise ValueError(f"max_attempts must be >= 1, got {max_attempts}")
-    if backoff_s < 0 or timeout_s <= 0:
-        raise ValueError(f"need backoff_s >= 0 and timeout_s > 0, got {backoff_s}, {timeout_s}")
+    if backoff_s < 0 or timeout_s <= 0 or deadline_base_s <= 0 or min_bytes_per_s <= 0:
+        raise ValueError(f"need backoff_s >= 0 and timeout_s, deadline_base_s, min_bytes_per_s > 0, got "
+                         f"{backoff_s}, {timeout_s}, {deadline_base_s}, {min_bytes_per_s}")
     name = shard_filename(index)
     directory = Path(data_dir) if data_dir is not None else default_data_dir()
     directory.mkdir(parents=True, exist_ok=True)
@@ -262,13 +320,14 @@ def download_shard(index: int, *, data_dir: str | os.PathLike[str] | None = None
             if attempt > 0:
                 time.sleep(min(backoff_s * 2 ** (attempt - 1), _MAX_BACKOFF_S))
             try:
-                _transfer(url, partial, timeout_s)
+                _transfer(url, partial, timeout_s, deadline_base_s, min_bytes_per_s)
             except _TransientError as e:
                 last_error = str(e)
                 continue
-            if _finalize(partial, dest):
+            problem = _finalize(partial, dest)
+            if problem is None:
                 return dest
-            last_error = "downloaded file is not parquet (missing PAR1 magic bytes)"
+            last_error = f"the downloaded file is not a readable parquet shard ({problem})"
     raise DownloadError(
         f"could not download {url} after {max_attempts} attempts; last error: {last_error}. "
         "If this machine is offline or behind a firewall, set NANOCHAT_DATA_URL to a reachable mirror, "
@@ -304,11 +363,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("-w", "--workers", type=int, default=4, help="parallel downloads")
     parser.add_argument("--data-dir", default=None, help="destination (default: NANOCHAT_DATA_DIR)")
     args = parser.parse_args(argv)
-    try:
+
+    def download() -> None:
+        if args.num_shards < 0:
+            raise cli.UsageError(f"--num-shards must be >= 0, got {args.num_shards}")
+        if args.workers < 1:
+            raise cli.UsageError(f"--workers must be >= 1, got {args.workers}")
         paths = download_shards(args.num_shards, workers=args.workers, data_dir=args.data_dir)
-    except (DownloadError, ValueError) as e:
-        raise SystemExit(f"error: {e}") from None
-    print(f"{len(paths)} shards ready in {paths[0].parent if paths else args.data_dir}")
+        print(f"{len(paths)} shards ready in {paths[0].parent if paths else args.data_dir}")
+
+    cli.run_job(download)
 
 
 if __name__ == "__main__":

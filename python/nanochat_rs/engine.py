@@ -17,8 +17,6 @@ stop, and repeats its terminal token (mask 0) so callers can ignore it with one 
 
 from __future__ import annotations
 
-import argparse
-import time
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -89,8 +87,8 @@ class Engine:
         if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
             raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
         check_sampling_args(max_tokens, temperature, top_k, seed, max_tokens_optional=True)
-        cache_len = self._cache_length(len(prompt), max_tokens)
-        return self._generate(prompt, num_samples, max_tokens, float(temperature), top_k, seed, cache_len)
+        max_seq_len = self._cache_max_seq_len(len(prompt), max_tokens)
+        return self._generate(prompt, num_samples, max_tokens, float(temperature), top_k, seed, max_seq_len)
 
     def generate_batch(self, tokens: Sequence[int], num_samples: int = 1,
                        **kwargs: Any) -> tuple[list[list[int]], list[list[int]]]:
@@ -114,7 +112,7 @@ class Engine:
     # ---- generation loop ----------------------------------------------------------------------
 
     def _generate(self, prompt: list[int], num_samples: int, max_tokens: int | None, temperature: float,
-                  top_k: int | None, seed: int, cache_len: int) -> Iterator[tuple[list[int], list[int]]]:
+                  top_k: int | None, seed: int, max_seq_len: int) -> Iterator[tuple[list[int], list[int]]]:
         if max_tokens == 0:
             return
         device = self.model.get_device()
@@ -123,7 +121,7 @@ class Engine:
         # inference_mode only around tensor work, never across a yield: the caller's code between
         # steps must run in whatever grad mode it chose.
         with torch.inference_mode():
-            cache, logits = self._prefill(prompt, num_samples, cache_len, device)
+            cache, logits = self._prefill(prompt, num_samples, max_seq_len, device)
         rows = [_RowState() for _ in range(num_samples)]
         steps = 0
         while True:
@@ -133,7 +131,7 @@ class Engine:
             column, masks = self._advance_rows(rows, sampled)
             steps += 1
             yield column, masks
-            if all(row.done for row in rows) or steps == max_tokens or cache.get_pos() >= cache_len:
+            if all(row.done for row in rows) or steps == max_tokens or cache.get_pos() >= max_seq_len:
                 return
             with torch.inference_mode():
                 # feed the sampled ids still on the device unless a row was overridden (forced tool
@@ -141,15 +139,15 @@ class Engine:
                 ids = sampled_ids if column == sampled else torch.tensor(column, dtype=torch.long, device=device)
                 logits = self.model(ids.unsqueeze(1), kv_cache=cache, last_only=True)[:, -1, :]
 
-    def _prefill(self, prompt: list[int], num_samples: int, cache_len: int,
+    def _prefill(self, prompt: list[int], num_samples: int, max_seq_len: int,
                  device: torch.device) -> tuple[KVCache, torch.Tensor]:
         """Run the prompt once at batch 1 and return the cache to decode with plus next-token logits."""
-        single = KVCache.for_model(self.model.config, 1, cache_len, device)
+        single = KVCache.for_model(self.model.config, 1, max_seq_len, device)
         ids = torch.tensor([prompt], dtype=torch.long, device=device)
         logits = self.model(ids, kv_cache=single, last_only=True)[:, -1, :]
         if num_samples == 1:
             return single, logits
-        cache = KVCache.for_model(self.model.config, num_samples, cache_len, device)
+        cache = KVCache.for_model(self.model.config, num_samples, max_seq_len, device)
         cache.prefill(single)
         return cache, logits.expand(num_samples, -1)
 
@@ -193,7 +191,7 @@ class Engine:
 
     # ---- validation -----------------------------------------------------------------------------
 
-    def _cache_length(self, prompt_len: int, max_tokens: int | None) -> int:
+    def _cache_max_seq_len(self, prompt_len: int, max_tokens: int | None) -> int:
         """Positions to allocate: what `max_tokens` steps need (at most the rotary table, which the
         model over-allocates beyond sequence_len), else the model's trained context."""
         if max_tokens is None:
@@ -204,41 +202,3 @@ class Engine:
             raise ValueError(f"the prompt has {prompt_len} tokens, which fills {what} of {limit} positions: "
                              "shorten it" + (" or pass max_tokens explicitly" if max_tokens is None else ""))
         return limit if max_tokens is None else min(prompt_len + max_tokens, limit)
-
-
-# ---- self-check: python -m nanochat_rs.engine --checkpoint DIR ----------------------------------
-
-
-def _self_check(argv: list[str] | None = None) -> None:
-    """Greedy decode one prompt with the naive model.generate and with the Engine, compare the token
-    streams and report the speed of each (a quick end-to-end sanity check on any device)."""
-    from nanochat_rs.checkpoint import load_model
-    from nanochat_rs.common import autodetect_device_type, compute_cleanup, compute_init
-
-    parser = argparse.ArgumentParser(description=_self_check.__doc__)
-    parser.add_argument("--checkpoint", required=True, help="checkpoint directory (holding step_NNNNNN/)")
-    parser.add_argument("--device-type", default=None, choices=["cuda", "cpu", "mps"])
-    parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--prompt", default="The chemical formula of water is")
-    args = parser.parse_args(argv)
-    # the device type must be passed explicitly: compute_init cannot guess CPU/MPS on every machine
-    _, device = compute_init(args.device_type or autodetect_device_type())
-    model, tokenizer, _ = load_model(args.checkpoint, device)
-    prompt: list[int] = tokenizer.encode(args.prompt, prepend="<|bos|>")  # type: ignore[assignment]
-    streams: dict[str, list[int]] = {}
-    for name, stream in (("naive", lambda: model.generate(prompt, args.max_tokens, temperature=0.0)),
-                         ("engine", lambda: (col[0] for col, _ in Engine(model, tokenizer).generate(
-                             prompt, max_tokens=args.max_tokens, temperature=0.0)))):
-        start = time.perf_counter()
-        streams[name] = list(stream())
-        elapsed = time.perf_counter() - start
-        print(f"{name:>6}: {len(streams[name])} tokens in {elapsed:.3f}s "
-              f"({len(streams[name]) / max(elapsed, 1e-9):.1f} tok/s): {tokenizer.decode(streams[name])!r}")
-    # the engine stops at a stop token; the naive generator does not, so compare the common prefix
-    common = len(streams["engine"])
-    print("match" if streams["naive"][:common] == streams["engine"] else "MISMATCH")
-    compute_cleanup()
-
-
-if __name__ == "__main__":
-    _self_check()

@@ -28,14 +28,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nanochat_rs.attention import flash_attn_func, flash_attn_with_kvcache
-from nanochat_rs.common import COMPUTE_DTYPE
+from nanochat_rs.common import compute_dtype
 from nanochat_rs.kv_cache import KVCache
+from nanochat_rs.recipe import ASPECT_RATIO, HEAD_DIM, SEQUENCE_LEN, WINDOW_PATTERN
 from nanochat_rs.sampling import check_prompt, check_sampling_args, sample_next_token
+from nanochat_rs.util import check_int
 
 if TYPE_CHECKING:
     from nanochat_rs.optim import MuonAdamW
 
-__all__ = ["GPT", "GPTConfig", "Linear", "config_for_depth", "compute_window_sizes", "padded_vocab_size"]
+__all__ = ["GPT", "GPTConfig", "Linear", "build_model", "config_for_depth", "compute_window_sizes",
+           "padded_vocab_size"]
 
 ROTARY_BASE = 100_000
 ROTARY_OVERALLOCATION = 10  # rotary tables cover 10x sequence_len (audio prefixes, long decodes)
@@ -50,19 +53,17 @@ MLP_RATIO = 4
 
 @dataclass
 class GPTConfig:
-    sequence_len: int = 2048
+    sequence_len: int = SEQUENCE_LEN
     vocab_size: int = 32768
     n_layer: int = 12
     n_head: int = 6
     n_kv_head: int = 6
     n_embd: int = 768
-    window_pattern: str = "SSSL"
+    window_pattern: str = WINDOW_PATTERN
 
     def __post_init__(self) -> None:
         for name in ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"GPTConfig.{name} must be a positive int, got {value!r}")
+            check_int(f"GPTConfig.{name}", getattr(self, name), 1)
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         if self.n_head % self.n_kv_head:
@@ -81,12 +82,11 @@ class GPTConfig:
         return self.n_embd // self.n_head
 
 
-def config_for_depth(depth: int, vocab_size: int, sequence_len: int, head_dim: int = 128, aspect_ratio: int = 64,
-                     window_pattern: str = "SSSL") -> GPTConfig:
+def config_for_depth(depth: int, vocab_size: int, sequence_len: int, head_dim: int = HEAD_DIM,
+                     aspect_ratio: int = ASPECT_RATIO, window_pattern: str = WINDOW_PATTERN) -> GPTConfig:
     """The one-dial sizing: model_dim = depth * aspect_ratio rounded up to whole heads of `head_dim`."""
     for name, value in (("depth", depth), ("head_dim", head_dim), ("aspect_ratio", aspect_ratio)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
+        check_int(name, value, 1)
     model_dim = math.ceil(depth * aspect_ratio / head_dim) * head_dim
     n_head = model_dim // head_dim
     return GPTConfig(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=depth, n_head=n_head,
@@ -134,7 +134,8 @@ def rotary_tables(length: int, head_dim: int, device: torch.device | str | None 
     """cos/sin tables (1, length, 1, head_dim/2): computed in fp32, stored in COMPUTE_DTYPE."""
     inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim)
     angles = torch.outer(torch.arange(length, dtype=torch.float32, device=device), inv_freq)
-    cos, sin = angles.cos().to(COMPUTE_DTYPE), angles.sin().to(COMPUTE_DTYPE)
+    dtype = compute_dtype()
+    cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
     return cos[None, :, None, :], sin[None, :, None, :]
 
 
@@ -214,19 +215,20 @@ class GPT(nn.Module):
         self.backout_layer = config.n_layer // 2
         kv_dim = config.n_kv_head * config.head_dim
         self.transformer = nn.ModuleDict({
-            "wte": nn.Embedding(self.padded_vocab_size, config.n_embd, dtype=COMPUTE_DTYPE),
+            "wte": nn.Embedding(self.padded_vocab_size, config.n_embd, dtype=compute_dtype()),
             "h": nn.ModuleList(Block(config, i) for i in range(config.n_layer)),
         })
         self.value_embeds = nn.ModuleDict({
-            str(i): nn.Embedding(self.padded_vocab_size, kv_dim, dtype=COMPUTE_DTYPE)
+            str(i): nn.Embedding(self.padded_vocab_size, kv_dim, dtype=compute_dtype())
             for i in range(config.n_layer) if has_value_embedding(i, config.n_layer)
         })
         self.lm_head = Linear(config.n_embd, self.padded_vocab_size, bias=False)
         self.resid_lambdas = nn.Parameter(torch.empty(config.n_layer))
         self.x0_lambdas = nn.Parameter(torch.empty(config.n_layer))
         self.smear_gate = Linear(SMEAR_CHANNELS, 1, bias=False)
-        self.smear_lambda = nn.Parameter(torch.empty(()))
-        self.backout_lambda = nn.Parameter(torch.empty(()))
+        # shape (1,), not 0-d: nanochat's state dicts use (1,), and checkpoints convert both ways
+        self.smear_lambda = nn.Parameter(torch.empty(1))
+        self.backout_lambda = nn.Parameter(torch.empty(1))
         # non-persistent: derived data, recomputed by init_weights (to_empty leaves them garbage)
         cos, sin = rotary_tables(ROTARY_OVERALLOCATION * config.sequence_len, config.head_dim)
         self.register_buffer("cos", cos, persistent=False)
@@ -387,7 +389,7 @@ class GPT(nn.Module):
                              f"and model: expected {expected}")
         if T > kv_cache.remaining():
             raise ValueError(f"{T} new tokens do not fit the KV cache: {kv_cache.get_pos()} of "
-                             f"{kv_cache.seq_len} positions are used")
+                             f"{kv_cache.max_seq_len} positions are used")
         return kv_cache.get_pos()
 
     @staticmethod
@@ -442,40 +444,51 @@ class GPT(nn.Module):
 
     # ---- optimizer -------------------------------------------------------------------------------
 
-    def setup_optimizer(self, unembedding_lr: float = 0.008, embedding_lr: float = 0.3, matrix_lr: float = 0.02,
-                        scalar_lr: float = 0.5, weight_decay: float = 0.28,
-                        adam_betas: tuple[float, float] = (0.8, 0.95)) -> MuonAdamW:
-        """Muon for the block matrices (one group per shape), AdamW for everything else.
-
-        AdamW learning rates were tuned at model_dim 768 and are scaled by 1/sqrt(model_dim / 768)
-        (the Adam update size per coordinate is fixed, so wider layers need smaller steps). Weight
-        decay applies to the Muon matrices only: decaying embeddings or the residual scalars towards
-        zero would fight their role.
-        """
+    def setup_optimizer(self, unembedding_lr: float | None = None, embedding_lr: float | None = None,
+                        matrix_lr: float | None = None, weight_decay: float | None = None,
+                        scalar_lr: float | None = None, *, compiled_step: bool = False) -> MuonAdamW:
+        """The optimizer exactly as the training job builds it (nanochat's signature; None = the
+        recipe's value): Muon for the block matrices, one group per shape; AdamW groups for lm_head,
+        wte, value embeddings, resid_lambdas, x0_lambdas and the smear/backout scalars, with the
+        betas, weight decays and LR multipliers of `nanochat_rs.recipe.ADAMW_GROUPS`."""
+        from nanochat_rs import recipe
         from nanochat_rs.optim import MuonAdamW
 
-        dmodel_scale = (self.config.n_embd / 768) ** -0.5
-
-        def adamw(params: list[nn.Parameter], lr: float) -> dict[str, Any]:
-            return {"kind": "adamw", "params": params, "lr": lr * dmodel_scale, "betas": tuple(adam_betas),
-                    "eps": 1e-10, "weight_decay": 0.0}
-
-        embeddings = [self.transformer.wte.weight, *self.value_embeds.parameters()]
-        groups = [
-            adamw([self.lm_head.weight], unembedding_lr),
-            adamw(embeddings, embedding_lr),
-            # the residual multipliers scale the whole stream: tiny steps matter a lot
-            adamw([self.resid_lambdas], scalar_lr * 0.01),
-            adamw([self.x0_lambdas], scalar_lr),
-            adamw([self.smear_gate.weight, self.smear_lambda, self.backout_lambda], scalar_lr * 0.4),
-        ]
+        base_lrs = {
+            "embedding_lr": recipe.EMBEDDING_LR if embedding_lr is None else embedding_lr,
+            "unembedding_lr": recipe.UNEMBEDDING_LR if unembedding_lr is None else unembedding_lr,
+            "scalar_lr": recipe.SCALAR_LR if scalar_lr is None else scalar_lr,
+        }
+        dim_scale = recipe.adamw_dim_scale(self.config.n_embd)
+        members: dict[str, list[nn.Parameter]] = {
+            "lm_head": [self.lm_head.weight],
+            "wte": [self.transformer.wte.weight],
+            "value_embeds": list(self.value_embeds.parameters()),
+            "resid_lambdas": [self.resid_lambdas],
+            "x0_lambdas": [self.x0_lambdas],
+            "smear_backout": [self.smear_gate.weight, self.smear_lambda, self.backout_lambda],
+        }
+        groups: list[dict[str, Any]] = []
+        for name, spec in recipe.ADAMW_GROUPS.items():
+            if spec.base is None:
+                assert spec.fixed_lr is not None
+                lr = spec.fixed_lr
+            else:
+                lr = base_lrs[spec.base] * spec.lr_multiplier * (dim_scale if spec.dim_scaled else 1.0)
+            groups.append({"kind": "adamw", "name": name, "params": members[name], "lr": lr, "betas": spec.betas,
+                           "eps": recipe.ADAMW_EPS, "weight_decay": spec.weight_decay})
         by_shape: dict[tuple[int, ...], list[nn.Parameter]] = {}
         for param in self.transformer.h.parameters():
             by_shape.setdefault(tuple(param.shape), []).append(param)
         for shape in sorted(by_shape):
-            groups.append({"kind": "muon", "params": by_shape[shape], "lr": matrix_lr, "momentum": 0.95,
-                           "ns_steps": 5, "beta2": 0.95, "weight_decay": weight_decay})
-        return MuonAdamW(groups)
+            groups.append({"kind": "muon", "name": f"matrix{shape}", "params": by_shape[shape],
+                           "lr": recipe.MATRIX_LR if matrix_lr is None else matrix_lr,
+                           "momentum": recipe.MUON_MOMENTUM, "ns_steps": recipe.MUON_NS_STEPS,
+                           "beta2": recipe.MUON_BETA2,
+                           "weight_decay": recipe.WEIGHT_DECAY if weight_decay is None else weight_decay})
+        grouped = sum(len(group["params"]) for group in groups)
+        assert grouped == len(list(self.parameters())), "every parameter belongs to exactly one group"
+        return MuonAdamW(groups, compiled_step=compiled_step)
 
     # ---- naive generation --------------------------------------------------------------------------
 
@@ -506,3 +519,13 @@ class GPT(nn.Module):
                 next_id = sample_next_token(logits, generator, temperature, top_k).unsqueeze(1)
             ids = torch.cat((ids, next_id), dim=1)
             yield int(next_id.item())
+
+
+def build_model(config: GPTConfig, device: torch.device | str) -> GPT:
+    """The one way to make a GPT: shapes on the meta device (no memory, no wasted init), storage
+    on `device`, then `init_weights` (which also fills the non-persistent rotary tables)."""
+    with torch.device("meta"):
+        model = GPT(config)
+    model.to_empty(device=device)
+    model.init_weights()
+    return model

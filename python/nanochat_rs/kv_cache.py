@@ -8,16 +8,30 @@ engine, so one Python-side position mirrors `cache_seqlens` and no device sync i
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 
-from nanochat_rs.common import COMPUTE_DTYPE
+from nanochat_rs.common import compute_dtype
 
-if TYPE_CHECKING:
-    from nanochat_rs.gpt import GPTConfig
+__all__ = ["KVCache", "ModelShape"]
 
-__all__ = ["KVCache"]
+
+class ModelShape(Protocol):
+    """What a cache needs to know about a model (a `GPTConfig` has it). A protocol rather than the
+    config class itself: gpt imports this module, so this module must not import gpt."""
+
+    @property
+    def n_layer(self) -> int: ...
+
+    @property
+    def n_kv_head(self) -> int: ...
+
+    @property
+    def head_dim(self) -> int: ...
+
+    @property
+    def n_embd(self) -> int: ...
 
 
 def _positive_int(name: str, value: object) -> int:
@@ -27,21 +41,25 @@ def _positive_int(name: str, value: object) -> int:
 
 
 class KVCache:
-    """Per-layer K/V tensors (num_layers, B, seq_len, H_kv, D) plus per-row lengths and smear state."""
+    """Per-layer K/V tensors (num_layers, B, max_seq_len, H_kv, D) plus per-row lengths and smear state.
 
-    def __init__(self, batch_size: int, num_kv_heads: int, seq_len: int, head_dim: int, num_layers: int,
-                 device: torch.device | str, dtype: torch.dtype = COMPUTE_DTYPE, n_embd: int | None = None) -> None:
+    `max_seq_len` is the capacity in positions; `get_pos()` of them are used. `dtype` defaults to
+    the compute dtype (`common.compute_dtype()`).
+    """
+
+    def __init__(self, batch_size: int, num_kv_heads: int, max_seq_len: int, head_dim: int, num_layers: int,
+                 device: torch.device | str, dtype: torch.dtype | None = None, n_embd: int | None = None) -> None:
         self.batch_size = _positive_int("batch_size", batch_size)
         self.num_kv_heads = _positive_int("num_kv_heads", num_kv_heads)
-        self.seq_len = _positive_int("seq_len", seq_len)
+        self.max_seq_len = _positive_int("max_seq_len", max_seq_len)
         self.head_dim = _positive_int("head_dim", head_dim)
         self.num_layers = _positive_int("num_layers", num_layers)
         self.n_embd = None if n_embd is None else _positive_int("n_embd", n_embd)
         self.device = torch.device(device)
-        self.dtype = dtype
-        shape = (num_layers, batch_size, seq_len, num_kv_heads, head_dim)
-        self.k_cache = torch.zeros(shape, device=self.device, dtype=dtype)
-        self.v_cache = torch.zeros(shape, device=self.device, dtype=dtype)
+        self.dtype = compute_dtype() if dtype is None else dtype
+        shape = (num_layers, batch_size, max_seq_len, num_kv_heads, head_dim)
+        self.k_cache = torch.zeros(shape, device=self.device, dtype=self.dtype)
+        self.v_cache = torch.zeros(shape, device=self.device, dtype=self.dtype)
         self.cache_seqlens = torch.zeros(batch_size, device=self.device, dtype=torch.int32)
         # normed (pre-smear) embedding of the last token fed; None while nothing has been fed, which
         # is what tells the model that the next token is position 0 and gets no smear
@@ -49,11 +67,12 @@ class KVCache:
         self._pos = 0
 
     @classmethod
-    def for_model(cls, config: GPTConfig, batch_size: int, seq_len: int, device: torch.device | str,
-                  dtype: torch.dtype = COMPUTE_DTYPE) -> KVCache:
-        """A cache shaped for a GPT with this config."""
-        return cls(batch_size=batch_size, num_kv_heads=config.n_kv_head, seq_len=seq_len, head_dim=config.head_dim,
-                   num_layers=config.n_layer, device=device, dtype=dtype, n_embd=config.n_embd)
+    def for_model(cls, config: ModelShape, batch_size: int, max_seq_len: int, device: torch.device | str,
+                  dtype: torch.dtype | None = None) -> KVCache:
+        """A cache shaped for a model with this config (e.g. a `GPTConfig`)."""
+        return cls(batch_size=batch_size, num_kv_heads=config.n_kv_head, max_seq_len=max_seq_len,
+                   head_dim=config.head_dim, num_layers=config.n_layer, device=device, dtype=dtype,
+                   n_embd=config.n_embd)
 
     def get_pos(self) -> int:
         return self._pos
@@ -65,13 +84,13 @@ class KVCache:
 
     def remaining(self) -> int:
         """Positions still free."""
-        return self.seq_len - self._pos
+        return self.max_seq_len - self._pos
 
     def advance(self, num_tokens: int) -> None:
         if isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or num_tokens < 0:
             raise ValueError(f"num_tokens must be a non-negative int, got {num_tokens!r}")
         if num_tokens > self.remaining():
-            raise ValueError(f"cannot advance by {num_tokens}: the cache holds {self.seq_len} positions and "
+            raise ValueError(f"cannot advance by {num_tokens}: the cache holds {self.max_seq_len} positions and "
                              f"{self._pos} are used")
         self._pos += num_tokens
         self.cache_seqlens += num_tokens
@@ -100,8 +119,8 @@ class KVCache:
         if mine != theirs:
             raise ValueError(f"cache geometry (layers, kv heads, head_dim) differs: {theirs} into {mine}")
         pos = other.get_pos()
-        if pos > self.seq_len:
-            raise ValueError(f"the source cache holds {pos} positions, more than this cache's {self.seq_len}")
+        if pos > self.max_seq_len:
+            raise ValueError(f"the source cache holds {pos} positions, more than this cache's {self.max_seq_len}")
         self.k_cache[:, :, :pos] = other.k_cache[:, :, :pos].to(self.device, self.dtype)
         self.v_cache[:, :, :pos] = other.v_cache[:, :, :pos].to(self.device, self.dtype)
         self._pos = pos

@@ -1,23 +1,27 @@
-"""MuonAdamW: Muon (Polar Express + NorMuon) for the block matrices, AdamW for everything else.
+"""MuonAdamW: Muon (MuonEq + Polar Express + Muon+ + NorMuon) for the block matrices, AdamW for the rest.
 
 One optimizer object owns both kinds of parameter group so that a training step is a single
 `optimizer.step()`, and so that the distributed gradient reduction (which lives here: there is no DDP
 wrapper) can overlap communication of later groups with the update of earlier ones.
 
-Group dicts (see `MuonAdamW.add_param_group` for validation and defaults):
+Group dicts carry nanochat's keys, all required (the values live in `nanochat_rs.recipe`):
     adamw: {"kind": "adamw", "params", "lr", "betas", "eps", "weight_decay"}
     muon:  {"kind": "muon", "params", "lr", "momentum", "ns_steps", "beta2", "weight_decay"}
 Every group also gets "initial_lr" and "initial_weight_decay", which `apply_schedules` multiplies.
 
 Muon step, per group (all params share one (rows, cols) shape and are stacked to (N, rows, cols)):
-    1. Nesterov momentum:   buf <- lerp(buf, g, 1 - mu);  u <- lerp(g, buf, mu)
-    2. Polar Express:       u <- approx. polar factor of u (5 quintic iterations)
-    3. NorMuon:             per-row (rows >= cols) or per-column second-moment EMA of u normalises u,
-                            then u is rescaled back to its own Frobenius norm
-    4. Aspect ratio:        u <- u * sqrt(max(1, rows / cols))
-    5. Cautious decay:      p <- p - lr * u - lr * wd * p * [u * p >= 0]
-The decay is decoupled (multiplied by lr, not by the aspect-ratio factor) and only touches coordinates
-where the update already pushes the weight toward zero, so it never fights the gradient direction.
+    1. Nesterov momentum:  buf <- lerp(buf, g, 1 - mu);  u <- lerp(g, buf, mu)
+    2. MuonEq:             every row rescaled to the mean row norm (better-conditioned spectrum)
+    3. Polar Express:      u <- approx. polar factor of u (5 quintic iterations), in bf16 only when
+                           the run computes in bf16
+    4. Muon+:              u rescaled to Frobenius norm sqrt(min(rows, cols)), the norm of an exactly
+                           semi-orthogonal matrix (corrects the iteration's under-convergence)
+    5. NorMuon:            per-row (rows >= cols) or per-column second-moment EMA of u normalises u,
+                           then u is rescaled back to its own Frobenius norm
+    6. Cautious decay:     p <- p - lr' * u - lr' * wd * p * [u * p >= 0],  lr' = lr * sqrt(max(1, rows/cols))
+The decay only touches coordinates where the update already pushes the weight toward zero, so it
+never fights the gradient direction. `compiled_step=True` runs each update as one torch.compile'd
+graph (as nanochat does); the eager path computes the same function.
 
 Distributed (torch.distributed initialised, world size > 1), ZeRO-2 style: gradients are reduced by
 reduce-scatter so each rank receives the averaged gradient of only the shard it owns, keeps optimizer
@@ -35,6 +39,8 @@ import torch
 import torch.distributed as dist
 
 from nanochat_rs import common
+from nanochat_rs.recipe import DEFAULT_SCHEDULE, Schedule, lr_multiplier, muon_momentum, weight_decay_multiplier
+from nanochat_rs.util import check_number
 
 # Polar Express (Amsel, Persson, Musco, Gower, arXiv:2505.16932): per-iteration odd quintic
 # p(x) = a x + b x^3 + c x^5, chosen greedily to be minimax-optimal for sign(x) on the current
@@ -51,19 +57,14 @@ POLAR_EXPRESS_COEFFS: tuple[tuple[float, float, float], ...] = (
 # pushing the top singular value past the interval the coefficients were optimised for.
 POLAR_EXPRESS_SAFETY = 1.01
 POLAR_EXPRESS_EPS = 1e-6
-
+NORM_EPS = 1e-6  # floor of the row / Frobenius norms MuonEq and Muon+ divide by
 NORMUON_EPS = 1e-10
 # AdamW parameters smaller than this are all-reduced and updated redundantly on every rank: sharding
 # them would cost a collective launch each for no memory saved worth having.
 MIN_SHARD_NUMEL = 4096
 
-MUON_MOMENTUM_START = 0.85
-MUON_MOMENTUM_PEAK = 0.97
-MUON_MOMENTUM_END = 0.90
-MUON_MOMENTUM_WARMUP_STEPS = 400
-
-_ADAMW_DEFAULTS: dict[str, Any] = {"betas": (0.8, 0.95), "eps": 1e-10, "weight_decay": 0.0}
-_MUON_DEFAULTS: dict[str, Any] = {"momentum": 0.95, "ns_steps": 5, "beta2": 0.95, "weight_decay": 0.0}
+ADAMW_KEYS = ("lr", "betas", "eps", "weight_decay")
+MUON_KEYS = ("lr", "momentum", "ns_steps", "beta2", "weight_decay")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -75,31 +76,52 @@ def orthogonalization_dtype(param_dtype: torch.dtype) -> torch.dtype:
 
     bf16 is a pure speed win on GPUs with bf16 tensor cores; fp16 overflows in the iteration (its
     exponent range is too small) and fp32-only platforms gain nothing from a cast, so every other
-    configuration iterates in the parameter/gradient dtype. Reads `common.COMPUTE_DTYPE` at call
+    configuration iterates in the parameter/gradient dtype. Reads `common.compute_dtype()` at call
     time so the choice follows the process-wide setting.
     """
-    return torch.bfloat16 if common.COMPUTE_DTYPE == torch.bfloat16 else param_dtype
+    return torch.bfloat16 if common.compute_dtype() == torch.bfloat16 else param_dtype
+
+
+def muon_eq(X: torch.Tensor) -> torch.Tensor:
+    """MuonEq row equilibration: every row rescaled to the mean row norm ||X||_F / sqrt(rows).
+
+    Norms are taken in fp32 (or wider) whatever X's dtype; the result keeps X's dtype.
+    """
+    X32 = X.to(_math_dtype(X.dtype))
+    target = X32.norm(dim=(-2, -1), keepdim=True) / X.size(-2) ** 0.5
+    row_norm = X32.norm(dim=-1, keepdim=True).clamp_min(NORM_EPS)
+    return X * (target / row_norm).to(X.dtype)
 
 
 def polar_express(G: torch.Tensor, steps: int = 5, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Approximate the polar factor U V^T of G = U S V^T (batched over leading dims), in `dtype`.
 
-    Iterates on the wide orientation (rows <= cols) so the Gram matrix X X^T is the small one.
+    Each iteration multiplies by the small Gram matrix: X^T X for tall matrices, X X^T for wide ones.
     """
     if G.dim() < 2:
         raise ValueError(f"polar_express needs a matrix (or a batch of them), got shape {tuple(G.shape)}")
     if not 1 <= steps <= len(POLAR_EXPRESS_COEFFS):
         raise ValueError(f"steps must be in [1, {len(POLAR_EXPRESS_COEFFS)}], got {steps}")
     X = G.to(dtype or G.dtype)
-    tall = X.size(-2) > X.size(-1)
-    if tall:
-        X = X.mT
     X = X / (X.norm(dim=(-2, -1), keepdim=True) * POLAR_EXPRESS_SAFETY + POLAR_EXPRESS_EPS)
-    for a, b, c in POLAR_EXPRESS_COEFFS[:steps]:
-        A = X @ X.mT
-        B = b * A + c * (A @ A)
-        X = a * X + B @ X
-    return X.mT if tall else X
+    if X.size(-2) > X.size(-1):
+        for a, b, c in POLAR_EXPRESS_COEFFS[:steps]:
+            A = X.mT @ X
+            B = b * A + c * (A @ A)
+            X = a * X + X @ B
+    else:
+        for a, b, c in POLAR_EXPRESS_COEFFS[:steps]:
+            A = X @ X.mT
+            B = b * A + c * (A @ A)
+            X = a * X + B @ X
+    return X
+
+
+def muon_plus(update: torch.Tensor) -> torch.Tensor:
+    """Muon+: rescale each matrix to Frobenius norm sqrt(min(rows, cols)) (fp32 norms)."""
+    target = min(update.size(-2), update.size(-1)) ** 0.5
+    norm = update.to(_math_dtype(update.dtype)).norm(dim=(-2, -1), keepdim=True).clamp_min(NORM_EPS)
+    return update * (target / norm).to(update.dtype)
 
 
 def normuon_reduce_dim(rows: int, cols: int) -> int:
@@ -115,56 +137,81 @@ def normuon_state_shape(n: int, rows: int, cols: int) -> tuple[int, int, int]:
     return (n, rows, 1) if normuon_reduce_dim(rows, cols) == -1 else (n, 1, cols)
 
 
-def normuon_(update: torch.Tensor, second_moment: torch.Tensor, beta2: float) -> torch.Tensor:
+def normuon(update: torch.Tensor, second_moment: torch.Tensor, beta2: float | torch.Tensor) -> torch.Tensor:
     """NorMuon variance reduction on a stacked (N, rows, cols) update; updates `second_moment` in place.
 
     No bias correction is needed: the final rescale to the update's own norm cancels any uniform
-    factor in the second moment, which is exactly what bias correction would be.
+    factor in the second moment, which is exactly what bias correction would be. beta2 = 1 freezes
+    the (zero) second moment, which makes the step a uniform scale that the rescale then cancels.
     """
     dim = normuon_reduce_dim(update.size(-2), update.size(-1))
-    second_moment.lerp_(update.square().mean(dim=dim, keepdim=True), 1 - beta2)
-    scaled = update * second_moment.clamp_min(NORMUON_EPS).rsqrt()
-    norm_before = update.norm(dim=(-2, -1), keepdim=True)
-    norm_after = scaled.norm(dim=(-2, -1), keepdim=True).clamp_min(NORMUON_EPS)
-    return scaled.mul_(norm_before / norm_after)
+    reduced = update.size(dim)
+    v_mean = update.to(_math_dtype(update.dtype)).square().mean(dim=dim, keepdim=True)
+    norm_before = (v_mean.sum(dim=(-2, -1), keepdim=True) * reduced).sqrt()
+    second_moment.lerp_(v_mean.to(second_moment.dtype), 1 - beta2)
+    step_size = second_moment.clamp_min(NORMUON_EPS).rsqrt()
+    norm_after = ((v_mean * reduced) * step_size.to(v_mean.dtype).square()).sum(dim=(-2, -1), keepdim=True).sqrt()
+    return update * (step_size * (norm_before / norm_after.clamp_min(NORMUON_EPS))).to(update.dtype)
 
 
 def aspect_ratio_scale(rows: int, cols: int) -> float:
-    """Orthogonal updates of tall matrices have a smaller per-entry RMS; this restores it."""
+    """Orthogonal updates of tall matrices have a smaller per-entry RMS; their LR is scaled up."""
     return max(1.0, rows / cols) ** 0.5
 
 
-def cautious_weight_decay_step_(params: torch.Tensor, update: torch.Tensor, lr: float, weight_decay: float) -> None:
+def cautious_weight_decay_step_(params: torch.Tensor, update: torch.Tensor, lr: float | torch.Tensor,
+                                weight_decay: float | torch.Tensor) -> None:
     """p <- p - lr * update - lr * wd * p, the decay only where update and p share a sign (or are 0)."""
-    if weight_decay != 0.0:
-        decay = torch.where(update * params >= 0, params, torch.zeros((), dtype=params.dtype, device=params.device))
-        params.sub_(decay, alpha=lr * weight_decay)
-    params.sub_(update, alpha=lr)
+    mask = (update * params) >= 0
+    params.sub_(lr * update + lr * weight_decay * params * mask)
 
 
 def muon_update_(params: torch.Tensor, grads: torch.Tensor, momentum_buffer: torch.Tensor,
-                 second_moment: torch.Tensor, *, lr: float, momentum: float, beta2: float,
-                 weight_decay: float, ns_steps: int) -> None:
-    """One Muon step on stacked (N, rows, cols) params (fp32 or wider); `grads` is scratch, overwritten."""
-    momentum_buffer.lerp_(grads, 1 - momentum)
-    nesterov = grads.lerp_(momentum_buffer, momentum)
-    update = polar_express(nesterov, ns_steps, orthogonalization_dtype(nesterov.dtype)).to(params.dtype)
-    update = normuon_(update, second_moment, beta2)
-    update.mul_(aspect_ratio_scale(params.size(-2), params.size(-1)))
-    cautious_weight_decay_step_(params, update, lr, weight_decay)
+                 second_moment: torch.Tensor, lr: torch.Tensor, momentum: torch.Tensor, beta2: torch.Tensor,
+                 weight_decay: torch.Tensor, ns_steps: int) -> None:
+    """One Muon step on stacked (N, rows, cols) params; `grads` is scratch, overwritten.
+
+    Hyperparameters come as 0-D tensors so a compiled version of this function sees new values
+    every step without recompiling; `lr` is the effective LR (aspect ratio already applied).
+    """
+    mu = momentum.to(grads.dtype)
+    momentum_buffer.lerp_(grads, 1 - mu)
+    nesterov = grads.lerp_(momentum_buffer, mu)
+    update = muon_eq(nesterov.to(orthogonalization_dtype(nesterov.dtype)))
+    update = polar_express(update, ns_steps).to(params.dtype)
+    update = muon_plus(update)
+    update = normuon(update, second_moment, beta2.to(update.dtype))
+    cautious_weight_decay_step_(params, update, lr.to(params.dtype), weight_decay.to(params.dtype))
 
 
-def adamw_update_(param32: torch.Tensor, grad32: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
-                  step: int, *, lr: float, betas: tuple[float, float], eps: float, weight_decay: float) -> None:
-    """AdamW with decoupled weight decay, in the same operation order as torch.optim.AdamW."""
-    beta1, beta2 = betas
+def adamw_update_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
+                  step: torch.Tensor, lr: torch.Tensor, beta1: torch.Tensor, beta2: torch.Tensor,
+                  eps: torch.Tensor, weight_decay: torch.Tensor) -> None:
+    """AdamW with decoupled weight decay (nanochat's operation order); math and state in fp32.
+
+    `param` may be bf16 (embeddings are stored in the compute dtype): it is updated through an fp32
+    copy. Hyperparameters are 0-D tensors, as for `muon_update_`.
+    """
+    param32 = param.to(_math_dtype(param.dtype))
+    grad32 = grad.to(param32.dtype)
     param32.mul_(1 - lr * weight_decay)
     exp_avg.lerp_(grad32, 1 - beta1)
-    exp_avg_sq.mul_(beta2).addcmul_(grad32, grad32, value=1 - beta2)
+    exp_avg_sq.lerp_(grad32.square(), 1 - beta2)
     bias_correction1 = 1 - beta1**step
     bias_correction2 = 1 - beta2**step
-    denom = (exp_avg_sq.sqrt() / math.sqrt(bias_correction2)).add_(eps)
-    param32.addcdiv_(exp_avg, denom, value=-lr / bias_correction1)
+    denom = (exp_avg_sq / bias_correction2).sqrt() + eps
+    param32.add_(exp_avg / denom * (-lr / bias_correction1))
+    param.copy_(param32)
+
+
+_COMPILED: dict[str, Callable[..., None]] = {}
+
+
+def _compiled(name: str, fn: Callable[..., None]) -> Callable[..., None]:
+    """torch.compile `fn` once per process (dynamic=False: one graph per shape, like the model)."""
+    if name not in _COMPILED:
+        _COMPILED[name] = torch.compile(fn, dynamic=False, fullgraph=True)
+    return _COMPILED[name]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -243,12 +290,15 @@ def _world() -> tuple[int, int] | None:
 class MuonAdamW(torch.optim.Optimizer):
     """Muon for groups of same-shape 2-D matrices, AdamW for the rest; ZeRO-2 sharded under DDP."""
 
-    def __init__(self, param_groups: list[dict[str, Any]]):
+    def __init__(self, param_groups: list[dict[str, Any]], *, compiled_step: bool = False):
+        """`param_groups`: dicts with nanochat's keys (module docstring). `compiled_step=True` fuses
+        each AdamW/Muon update into one torch.compile'd graph (the training job's default)."""
         if isinstance(param_groups, torch.Tensor) or not isinstance(param_groups, list | tuple):
             raise TypeError("MuonAdamW takes a list of param-group dicts (each with a 'kind')")
         if not param_groups:
             raise ValueError("MuonAdamW got an empty list of param groups")
         self._tensor_collectives: bool | None = None
+        self.compiled_step = bool(compiled_step)
         super().__init__(list(param_groups), defaults={})
 
     # -- groups ---------------------------------------------------------------------------------
@@ -260,16 +310,16 @@ class MuonAdamW(torch.optim.Optimizer):
         kind = group.get("kind")
         if kind not in ("adamw", "muon"):
             raise ValueError(f"param group 'kind' must be 'adamw' or 'muon', got {kind!r}")
-        if "lr" not in group:
-            raise ValueError(f"{kind} param group has no 'lr'")
+        missing = [key for key in (ADAMW_KEYS if kind == "adamw" else MUON_KEYS) if key not in group]
+        if missing:
+            raise ValueError(f"{kind} param group lacks {missing} (every hyperparameter is explicit; "
+                             "GPT.setup_optimizer builds complete groups from nanochat_rs.recipe)")
         params = group.get("params")
         if isinstance(params, torch.Tensor):
             params = [params]
         group["params"] = list(params) if params is not None else []
         if not group["params"]:
             raise ValueError(f"{kind} param group has no params")
-        for key, value in (_ADAMW_DEFAULTS if kind == "adamw" else _MUON_DEFAULTS).items():
-            group.setdefault(key, value)
         _validate_common(group)
         (_validate_adamw if kind == "adamw" else _validate_muon)(group)
         super().add_param_group(group)
@@ -308,22 +358,26 @@ class MuonAdamW(torch.optim.Optimizer):
 
     # -- per-kind updates (local tensors only; no communication) --------------------------------
 
+    def _update(self, name: str, fn: Callable[..., None]) -> Callable[..., None]:
+        return _compiled(name, fn) if self.compiled_step else fn
+
     def _adamw_step(self, group: dict[str, Any], key: torch.Tensor, target: torch.Tensor, grad: torch.Tensor) -> None:
         """Update `target` (the param or the shard of it this rank owns) with fp32 (or wider) math."""
         state = self._adamw_state(key, target)
         state["step"] += 1
-        param32 = target.to(_math_dtype(target.dtype))
-        adamw_update_(param32, grad.to(param32.dtype), state["exp_avg"], state["exp_avg_sq"], state["step"],
-                      lr=group["lr"], betas=group["betas"], eps=group["eps"], weight_decay=group["weight_decay"])
-        if param32 is not target:
-            target.copy_(param32)
+        beta1, beta2 = group["betas"]
+        self._update("adamw", adamw_update_)(
+            target, grad, state["exp_avg"], state["exp_avg_sq"], _scalar(state["step"]), _scalar(group["lr"]),
+            _scalar(beta1), _scalar(beta2), _scalar(group["eps"]), _scalar(group["weight_decay"]))
 
     def _muon_step(self, group: dict[str, Any], key: torch.Tensor, params32: torch.Tensor,
                    grads: torch.Tensor) -> None:
         state = self._muon_state(key, params32)
-        muon_update_(params32, grads.to(params32.dtype), state["momentum_buffer"], state["second_momentum_buffer"],
-                     lr=group["lr"], momentum=group["momentum"], beta2=group["beta2"],
-                     weight_decay=group["weight_decay"], ns_steps=group["ns_steps"])
+        lr = group["lr"] * aspect_ratio_scale(params32.size(-2), params32.size(-1))
+        self._update("muon", muon_update_)(
+            params32, grads.to(params32.dtype), state["momentum_buffer"], state["second_momentum_buffer"],
+            _scalar(lr), _scalar(group["momentum"]), _scalar(group["beta2"]), _scalar(group["weight_decay"]),
+            group["ns_steps"])
 
     # -- step -----------------------------------------------------------------------------------
 
@@ -448,6 +502,11 @@ class _MuonJob:
         torch._foreach_copy_(self.params, list(self.gathered[:len(self.params)].unbind(0)))
 
 
+def _scalar(value: float) -> torch.Tensor:
+    """A 0-D CPU tensor: compiled updates take hyperparameters as data, not as constants."""
+    return torch.tensor(float(value), dtype=torch.float64)
+
+
 def _math_dtype(param_dtype: torch.dtype) -> torch.dtype:
     """Optimizer arithmetic and state run in fp32 at least (fp64 params keep fp64)."""
     return torch.promote_types(param_dtype, torch.float32)
@@ -466,15 +525,8 @@ def _check_state_shape(buffer: torch.Tensor, expected: Iterable[int]) -> None:
         )
 
 
-def _require_number(group: dict[str, Any], key: str, low: float, high: float = math.inf,
-                    high_inclusive: bool = True) -> None:
-    value = group[key]
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TypeError(f"{group['kind']} group '{key}' must be a number, got {type(value).__name__}")
-    ok = low <= value <= high if high_inclusive else low <= value < high
-    if not ok:
-        bracket = "]" if high_inclusive else ")"
-        raise ValueError(f"{group['kind']} group '{key}' must be in [{low}, {high}{bracket}, got {value}")
+def _require_number(group: dict[str, Any], key: str, low: float, high: float = math.inf) -> None:
+    check_number(f"{group['kind']} group '{key}'", group[key], low, high)
 
 
 def _validate_common(group: dict[str, Any]) -> None:
@@ -491,15 +543,14 @@ def _validate_adamw(group: dict[str, Any]) -> None:
     betas = group["betas"]
     if not isinstance(betas, list | tuple) or len(betas) != 2:
         raise ValueError(f"adamw group 'betas' must be a pair, got {betas!r}")
-    if not all(isinstance(b, int | float) and not isinstance(b, bool) and 0.0 <= b < 1.0 for b in betas):
-        raise ValueError(f"adamw group 'betas' must both be numbers in [0, 1), got {betas!r}")
-    group["betas"] = (float(betas[0]), float(betas[1]))
+    group["betas"] = tuple(check_number(f"adamw group 'betas[{i}]'", beta, 0.0, 1.0 - math.ulp(1.0))
+                           for i, beta in enumerate(betas))
     _require_number(group, "eps", 0.0)
 
 
 def _validate_muon(group: dict[str, Any]) -> None:
-    _require_number(group, "momentum", 0.0, 1.0, high_inclusive=False)
-    _require_number(group, "beta2", 0.0, 1.0, high_inclusive=False)
+    _require_number(group, "momentum", 0.0, 1.0 - math.ulp(1.0))
+    _require_number(group, "beta2", 0.0, 1.0)  # 1.0 freezes the NorMuon second moment
     ns_steps = group["ns_steps"]
     if isinstance(ns_steps, bool) or not isinstance(ns_steps, int) or not 1 <= ns_steps <= len(POLAR_EXPRESS_COEFFS):
         raise ValueError(f"muon group 'ns_steps' must be an int in [1, {len(POLAR_EXPRESS_COEFFS)}], got {ns_steps!r}")
@@ -515,82 +566,26 @@ def _validate_muon(group: dict[str, Any]) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# Schedules: pure functions of the step
+# Schedules (the formulas live in nanochat_rs.recipe)
 
 
-def _check_schedule_args(step: int, num_iterations: int, warmdown_ratio: float) -> None:
-    if num_iterations < 1:
-        raise ValueError(f"num_iterations must be >= 1, got {num_iterations}")
-    if not 0 <= step <= num_iterations:
-        raise ValueError(f"step must be in [0, num_iterations={num_iterations}], got {step}")
-    if not 0.0 <= warmdown_ratio <= 1.0:
-        raise ValueError(f"warmdown_ratio must be in [0, 1], got {warmdown_ratio}")
+def apply_schedules(optimizer: torch.optim.Optimizer, step: int, num_iterations: int,
+                    schedule: Schedule = DEFAULT_SCHEDULE) -> dict[str, float]:
+    """Set every group's lr, and the Muon groups' momentum and weight decay, for `step`.
 
-
-def _warmdown_progress(step: int, num_iterations: int, warmdown_ratio: float) -> float:
-    """0 until the warmdown starts, then linear to 1 at step == num_iterations."""
-    warmdown_steps = round(warmdown_ratio * num_iterations)
-    start = num_iterations - warmdown_steps
-    if warmdown_steps == 0 or step <= start:
-        return 0.0
-    return (step - start) / warmdown_steps
-
-
-def lr_multiplier(step: int, num_iterations: int, warmup_steps: int = 40, warmdown_ratio: float = 0.65,
-                  final_lr_frac: float = 0.05) -> float:
-    """Linear warmup to 1 over `warmup_steps`, constant, then linear warmdown to `final_lr_frac`.
-
-    Warmup reaches 1 at step warmup_steps - 1 (step 0 already trains). Where a short run makes warmup
-    and warmdown overlap, the smaller of the two ramps wins so the schedule stays continuous.
+    lr = initial_lr * lr_multiplier for every group; the Muon groups' weight decay follows the cosine
+    (initial_weight_decay * multiplier) and their momentum the momentum schedule. AdamW groups keep
+    their own fixed weight decay, as in nanochat. Returns the multipliers.
     """
-    _check_schedule_args(step, num_iterations, warmdown_ratio)
-    if warmup_steps < 0:
-        raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
-    if not 0.0 <= final_lr_frac <= 1.0:
-        raise ValueError(f"final_lr_frac must be in [0, 1], got {final_lr_frac}")
-    warmup = min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
-    progress = _warmdown_progress(step, num_iterations, warmdown_ratio)
-    warmdown = 1.0 - progress * (1.0 - final_lr_frac)
-    return min(warmup, warmdown)
-
-
-def muon_momentum(step: int, num_iterations: int, warmdown_ratio: float = 0.65) -> float:
-    """0.85 -> 0.97 linearly over the first 400 steps, then 0.97 -> 0.90 linearly across the LR warmdown.
-
-    Where the warmdown starts before step 400, the smaller of the two ramps wins (continuous).
-    """
-    _check_schedule_args(step, num_iterations, warmdown_ratio)
-    frac = min(1.0, step / MUON_MOMENTUM_WARMUP_STEPS)
-    rising = MUON_MOMENTUM_START + frac * (MUON_MOMENTUM_PEAK - MUON_MOMENTUM_START)
-    progress = _warmdown_progress(step, num_iterations, warmdown_ratio)
-    falling = MUON_MOMENTUM_PEAK + progress * (MUON_MOMENTUM_END - MUON_MOMENTUM_PEAK)
-    return min(rising, falling)
-
-
-def weight_decay_multiplier(step: int, num_iterations: int) -> float:
-    """Cosine from 1 at step 0 to 0 at step num_iterations."""
-    _check_schedule_args(step, num_iterations, 0.0)
-    return 0.5 * (1.0 + math.cos(math.pi * step / num_iterations))
-
-
-def apply_schedules(optimizer: torch.optim.Optimizer, step: int, num_iterations: int, warmup_steps: int = 40,
-                    warmdown_ratio: float = 0.65, final_lr_frac: float = 0.05) -> dict[str, float]:
-    """Set lr, weight_decay (and Muon momentum) of every group for `step`; returns the multipliers.
-
-    Each group's lr is its "initial_lr" times the LR multiplier and its weight decay the
-    "initial_weight_decay" times the cosine multiplier (a group lacking "initial_weight_decay" gets
-    its current weight decay recorded as the initial one on the first call).
-    """
-    lrm = lr_multiplier(step, num_iterations, warmup_steps, warmdown_ratio, final_lr_frac)
+    lrm = lr_multiplier(step, num_iterations, schedule)
     wdm = weight_decay_multiplier(step, num_iterations)
-    momentum = muon_momentum(step, num_iterations, warmdown_ratio)
+    momentum = muon_momentum(step, num_iterations, schedule.warmdown_ratio)
     for group in optimizer.param_groups:
         if "initial_lr" not in group:
             raise ValueError("param group has no 'initial_lr' (MuonAdamW records it at construction)")
         group["lr"] = group["initial_lr"] * lrm
-        if "weight_decay" in group:
+        if group.get("kind") == "muon":
             group.setdefault("initial_weight_decay", group["weight_decay"])
             group["weight_decay"] = group["initial_weight_decay"] * wdm
-        if group.get("kind") == "muon":
             group["momentum"] = momentum
     return {"lr_multiplier": lrm, "weight_decay_multiplier": wdm, "muon_momentum": momentum}

@@ -25,7 +25,7 @@ Packing runs in Rust with the GIL released. `state_dict()` is JSON-serialisable 
 from __future__ import annotations
 
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -35,8 +35,6 @@ from nanochat_rs.util import check_int
 
 STATE_FORMAT: str = _native.PACKER_STATE_FORMAT
 STATE_VERSION: int = _native.PACKER_STATE_VERSION
-_STAT_KEYS = ("docs_in", "tokens_in", "tokens_placed", "tokens_cropped", "docs_placed", "docs_cropped",
-              "rows_packed")
 
 
 def _torch_tensor_type() -> type | None:
@@ -80,21 +78,6 @@ def _output_array(name: str, value: object, columns: int) -> np.ndarray:
     if not array.flags.writeable:
         raise ValueError(f"{name} must be writable")
     return array
-
-
-def _state_int(state: Mapping[str, Any], key: str, minimum: int = 0) -> int:
-    return check_int(f"state[{key!r}]", state[key], minimum)
-
-
-def _state_list(state: Mapping[str, Any], key: str, item_type: type) -> list[Any]:
-    value = state[key]
-    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
-        raise TypeError(f"state[{key!r}] must be a list, got {type(value).__name__}")
-    items = list(value)
-    for i, item in enumerate(items):
-        if not isinstance(item, item_type) or isinstance(item, bool):
-            raise TypeError(f"state[{key!r}][{i}] must be {item_type.__name__}, got {type(item).__name__}")
-    return items
 
 
 class BestFitPacker:
@@ -186,31 +169,13 @@ class BestFitPacker:
         return self._native.state_dict()
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore a `state_dict()` taken from a packer with the same configuration."""
-        if not isinstance(state, Mapping):
-            raise TypeError(f"state must be a dict from state_dict(), got {type(state).__name__}")
-        expected = ("format", "version", "seq_len", "buffer_size", "audio_prefix_len", "bos_token_id",
-                    "finished", "next_seq", "stats", "buffer_seqs", "buffer_docs", "pending_docs")
-        missing = [k for k in expected if k not in state]
-        if missing:
-            raise ValueError(f"not a packer state: missing keys {missing}")
-        if state["format"] != STATE_FORMAT or state["version"] != STATE_VERSION:
-            raise ValueError(f"not a packer state of format {STATE_FORMAT!r} version {STATE_VERSION}: got "
-                             f"{state['format']!r} version {state['version']!r}")
-        stats = state["stats"]
-        if not isinstance(stats, Mapping) or any(k not in stats for k in _STAT_KEYS):
-            raise ValueError(f"state['stats'] must be a dict with keys {list(_STAT_KEYS)}")
-        bos = state["bos_token_id"]
-        if not isinstance(state["finished"], bool):
-            raise TypeError(f"state['finished'] must be a bool, got {type(state['finished']).__name__}")
-        self._native.load_state(
-            _state_int(state, "seq_len", 1), _state_int(state, "buffer_size", 1),
-            _state_int(state, "audio_prefix_len"), None if bos is None else _state_int(state, "bos_token_id"),
-            state["finished"], _state_int(state, "next_seq"),
-            tuple(check_int(f"state['stats'][{k!r}]", stats[k], 0) for k in _STAT_KEYS),
-            _state_list(state, "buffer_seqs", int), _state_list(state, "buffer_docs", str),
-            _state_list(state, "pending_docs", str),
-        )
+        """Restore a `state_dict()` taken from a packer with the same configuration.
+
+        The state is checked in full (by the Rust packer, which owns its schema) before anything
+        changes: TypeError for a value of the wrong type, ValueError for a wrong value, a state
+        of another format or configuration, or counters without room left to count on.
+        """
+        self._native.load_state_dict(state)
 
     def __repr__(self) -> str:
         s = self.stats

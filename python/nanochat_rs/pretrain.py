@@ -1,42 +1,44 @@
 """Base-model pretraining as library code: `train(TrainConfig(...)) -> summary`.
 
-One dial, depth, sets everything else for the speedrun preset (see `plan_training`):
+Every hyperparameter comes from `nanochat_rs.recipe`; this module only resolves a config against a
+preset, derives the plan and runs the loop. One dial, depth, sets everything else for the speedrun
+preset (see `plan_training`):
 
     model_dim   = ceil(depth * aspect_ratio / head_dim) * head_dim        (aspect 64, head_dim 128)
-    n_head      = model_dim / head_dim
     N           = scaling params = block matrices + lm_head  (GPT.num_scaling_params())
     D           = ratio * N target tokens                     (ratio 8)
-    B           = 2**round(log2(B_ref * (D / D_ref) ** 0.383))  tokens per optimizer step, where
-                  B_ref = 2**19 and D_ref = ratio * N of the depth-12 model with the same vocab and
-                  sequence length; then rounded to a multiple of one micro-step (B_dev * T * ranks)
-    lr          = base_lr * sqrt(B / B_ref)                   for every group
-    wd          = 0.28 * (B / B_ref) * (lr_ref / lr) * (D_ref / D) = 0.28 * sqrt(B / B_ref) * D_ref / D
-                  which keeps B / (lr * wd * D) at its d12 value (lr = the matrix/Muon LR)
+    B           = recipe.optimal_batch_tokens: B_ref * (D / D_ref) ** 0.383 to a power of two, then a
+                  multiple of one micro-step (D_ref: the depth-12 model with the same vocab and seq len)
+    lr          = base_lr * sqrt(B / B_ref)                   for the four base LRs
+    wd          = recipe.scaled_weight_decay: keeps B / (lr * wd * D) at its d12 value
     iterations  = round(D / B)
-
-The cpu preset instead fixes a tiny model and a short run with the base hyperparameters unscaled: the
-scaling laws are fitted around 2**19-token batches and would shrink LRs ~16x at CPU batch sizes.
 
 The loop: gradient accumulation up to the total batch, schedules from `optim.apply_schedules`,
 validation bits-per-byte every `eval_every` steps, greedy samples every `sample_every` steps, and
-checkpoints (model, per-rank optimizer, per-rank dataloader state) every `save_every` steps and at the
-end. `resume=True` continues from a checkpoint with the same data order; nothing in a step is random,
-so a resumed run reproduces the uninterrupted run's parameters bit for bit.
+checkpoints (model, tokenizer, per-rank optimizer, per-rank dataloader state) every `save_every`
+steps and at the end. The model and the optimizer updates are torch.compile'd unless
+`compile=False`. `resume=True` continues from a checkpoint with the same data order; nothing in a
+step is random, so a resumed run reproduces the uninterrupted run's parameters bit for bit.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import math
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from nanochat_rs import recipe
 from nanochat_rs.common import DistInfo, base_dir, compute_cleanup, compute_init, print0
-from nanochat_rs.gpt import GPT, GPTConfig, config_for_depth
+from nanochat_rs.gpt import GPT, GPTConfig, build_model, config_for_depth
+from nanochat_rs.memory import check_fits, checkpoint_bytes, format_bytes, training_memory_bytes
+from nanochat_rs.recipe import PRESETS, Schedule
+from nanochat_rs.util import check_int, check_number
 
 # Dense (non-sparse) bf16 tensor-core peak FLOP/s by a fragment of the CUDA device name: the
 # denominator of MFU. First match wins, so the PCIe/NVL H100 variants come before plain "H100".
@@ -45,50 +47,41 @@ PEAK_BF16_FLOPS: tuple[tuple[str, float], ...] = (
     ("B200", 2250e12), ("A100", 312e12), ("A800", 312e12), ("L40S", 362e12),
 )
 
-REFERENCE_DEPTH = 12
-REFERENCE_BATCH_TOKENS = 2**19
-BATCH_EXPONENT = 0.383
-BASE_LRS = {"embedding_lr": 0.3, "unembedding_lr": 0.008, "matrix_lr": 0.02, "scalar_lr": 0.5}
-BASE_WEIGHT_DECAY = 0.28
-ADAM_BETAS = (0.8, 0.95)
-SCHEDULE = {"warmup_steps": 40, "warmdown_ratio": 0.65, "final_lr_frac": 0.05}
 LOSS_EMA_BETA = 0.9
+ETA_WINDOW_STEPS = 20  # the ETA follows the recent step time, not the run's average
 SAMPLE_PROMPTS = (
     "The capital of France is",
     "The Python programming language",
     "If yesterday was Friday, then tomorrow will be",
     "In this document we propose",
 )
-
-PRESETS: dict[str, dict[str, Any]] = {
-    # GPU speedrun: depth sets model, batch, LRs and length (total_batch_size/num_iterations None = auto).
-    "speedrun": dict(depth=20, aspect_ratio=64, head_dim=128, seq_len=2048, device_batch_size=32,
-                     total_batch_size=None, num_iterations=None, target_param_data_ratio=8.0,
-                     eval_every=250, eval_tokens=20 * 2**19, sample_every=2000, save_every=1000,
-                     scale_hyperparameters=True),
-    # A few minutes on 2 CPU cores with the embedded corpus; still writes a usable checkpoint.
-    "cpu": dict(depth=4, aspect_ratio=32, head_dim=64, seq_len=256, device_batch_size=8,
-                total_batch_size=2048, num_iterations=300, target_param_data_ratio=8.0,
-                eval_every=100, eval_tokens=8 * 2048, sample_every=150, save_every=150,
-                scale_hyperparameters=False),
-}
+_BASE_LR_FIELDS = ("embedding_lr", "unembedding_lr", "matrix_lr", "scalar_lr")
 
 
 @dataclass
 class TrainConfig:
-    """Every knob of a pretraining run. None means: take it from the preset (or derive it)."""
+    """Every knob of a pretraining run. None means: take it from the preset or the recipe (or derive it)."""
 
     preset: str | None = None            # "speedrun" | "cpu"; None: speedrun on CUDA, cpu elsewhere
     depth: int | None = None
     aspect_ratio: int | None = None      # model_dim = depth * aspect_ratio, rounded up to head_dim
     head_dim: int | None = None
-    window_pattern: str = "SSSL"
+    window_pattern: str = recipe.WINDOW_PATTERN
     seq_len: int | None = None
     device_batch_size: int | None = None
     total_batch_size: int | None = None  # tokens per optimizer step; None: derived (speedrun)
     num_iterations: int | None = None    # None: derived from target_param_data_ratio
     target_param_data_ratio: float | None = None
     scale_hyperparameters: bool | None = None
+    # base hyperparameters before the depth dial's scaling (None: recipe)
+    embedding_lr: float | None = None
+    unembedding_lr: float | None = None
+    matrix_lr: float | None = None
+    scalar_lr: float | None = None
+    weight_decay: float | None = None
+    warmup_steps: int | None = None
+    warmdown_ratio: float | None = None
+    final_lr_frac: float | None = None
     eval_every: int | None = None        # <= 0: only at the end
     eval_tokens: int | None = None
     sample_every: int | None = None      # <= 0: only at the end
@@ -96,20 +89,28 @@ class TrainConfig:
     save_every: int | None = None        # <= 0: only at the end
     device_type: str | None = None       # None: autodetect
     fp8: bool = False
-    compile: bool = False
+    compile: bool = True                 # torch.compile the model and the optimizer updates
     resume: bool = False
     resume_step: int | None = None       # None: the newest checkpoint in run_dir
     run_dir: str | None = None           # checkpoints; None: base_dir()/base_checkpoints/d{depth}
     data_dir: str | None = None          # parquet shards; None: NANOCHAT_DATA_DIR / embedded corpus
-    tokenizer_dir: str | None = None     # None: get_tokenizer() (trains one on the embedded corpus if needed)
+    tokenizer_dir: str | None = None     # None: the project tokenizer (trained on the embedded corpus if needed)
     seed: int = 42
+
+    @property
+    def schedule(self) -> Schedule:
+        defaults = recipe.DEFAULT_SCHEDULE
+        return Schedule(
+            warmup_steps=defaults.warmup_steps if self.warmup_steps is None else self.warmup_steps,
+            warmdown_ratio=defaults.warmdown_ratio if self.warmdown_ratio is None else self.warmdown_ratio,
+            final_lr_frac=defaults.final_lr_frac if self.final_lr_frac is None else self.final_lr_frac)
 
 
 @dataclass
 class TrainPlan:
     """The concrete numbers a run uses, derived from a resolved TrainConfig."""
 
-    model_config: dict[str, Any]
+    model_config: GPTConfig
     num_scaling_params: int
     target_tokens: int
     total_batch_size: int
@@ -117,17 +118,17 @@ class TrainPlan:
     num_iterations: int
     lr_scale: float
     weight_decay: float
-    lrs: dict[str, float] = field(default_factory=dict)
-
-    def optimizer_kwargs(self) -> dict[str, Any]:
-        return dict(self.lrs, weight_decay=self.weight_decay, adam_betas=ADAM_BETAS)
+    lrs: dict[str, float]  # the four base LRs after scaling: setup_optimizer's keyword arguments
 
 
 # ---- configuration -----------------------------------------------------------------------------
 
+_POSITIVE_INTS = ("depth", "aspect_ratio", "head_dim", "seq_len", "device_batch_size", "eval_tokens",
+                  "sample_max_tokens")
+
 
 def resolve_config(config: TrainConfig, device_type: str) -> TrainConfig:
-    """Fill every None field from the preset (speedrun on CUDA, cpu elsewhere) and validate."""
+    """Fill every None field from the preset (speedrun on CUDA, cpu elsewhere) and the recipe; validate."""
     preset = config.preset or ("speedrun" if device_type == "cuda" else "cpu")
     if preset not in PRESETS:
         raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
@@ -135,74 +136,71 @@ def resolve_config(config: TrainConfig, device_type: str) -> TrainConfig:
     for name, default in PRESETS[preset].items():
         if values[name] is None:
             values[name] = default
+    for name, default in (("embedding_lr", recipe.EMBEDDING_LR), ("unembedding_lr", recipe.UNEMBEDDING_LR),
+                          ("matrix_lr", recipe.MATRIX_LR), ("scalar_lr", recipe.SCALAR_LR),
+                          ("weight_decay", recipe.WEIGHT_DECAY)):
+        if values[name] is None:
+            values[name] = default
     values.update(preset=preset, device_type=device_type)
     resolved = TrainConfig(**values)
-    for name in ("depth", "aspect_ratio", "head_dim", "seq_len", "device_batch_size", "eval_tokens",
-                 "sample_max_tokens"):
-        value = getattr(resolved, name)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    resolved = replace(resolved, **asdict(resolved.schedule))  # validates the schedule, fills its Nones
+    for name in _POSITIVE_INTS:
+        check_int(name, getattr(resolved, name), 1)
     for name in ("total_batch_size", "num_iterations"):
-        value = getattr(resolved, name)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise ValueError(f"{name} must be a positive int (or None for automatic), got {value!r}")
-    if not resolved.target_param_data_ratio or resolved.target_param_data_ratio <= 0:
-        raise ValueError(f"target_param_data_ratio must be > 0, got {resolved.target_param_data_ratio!r}")
+        if getattr(resolved, name) is not None:  # None: automatic
+            check_int(name, getattr(resolved, name), 1)
+    check_number("target_param_data_ratio", resolved.target_param_data_ratio, math.ulp(0.0))
+    for name in (*_BASE_LR_FIELDS, "weight_decay"):
+        check_number(name, getattr(resolved, name), 0.0)
     if resolved.resume_step is not None and not resolved.resume:
         raise ValueError("resume_step is only meaningful with resume=True")
     return resolved
 
 
-def gpt_config_dict(depth: int, aspect_ratio: int, head_dim: int, seq_len: int, vocab_size: int,
-                    window_pattern: str) -> dict[str, Any]:
-    return asdict(config_for_depth(depth, vocab_size, seq_len, head_dim=head_dim, aspect_ratio=aspect_ratio,
-                                   window_pattern=window_pattern))
+def model_config(config: TrainConfig, vocab_size: int) -> GPTConfig:
+    assert config.depth and config.aspect_ratio and config.head_dim and config.seq_len  # resolved
+    return config_for_depth(config.depth, vocab_size, config.seq_len, head_dim=config.head_dim,
+                            aspect_ratio=config.aspect_ratio, window_pattern=config.window_pattern)
 
 
-def scaling_params(model_config: dict[str, Any]) -> int:
+def scaling_params(config: GPTConfig) -> int:
     """Block matrices + lm_head of a GPT with this config, counted on the meta device (no memory)."""
     with torch.device("meta"):
-        model = GPT(GPTConfig(**model_config))
+        model = GPT(config)
     counts = model.num_scaling_params()
     return int(counts["matrix"]) + int(counts["lm_head"])
 
 
-def round_batch(tokens: float, micro_tokens: int) -> int:
-    """Nearest power of two, then the nearest (non-zero) multiple of one micro-step's tokens."""
-    power = 2 ** round(math.log2(max(tokens, 1.0)))
-    return max(1, round(power / micro_tokens)) * micro_tokens
-
-
 def plan_training(config: TrainConfig, vocab_size: int, world_size: int = 1) -> TrainPlan:
     """Derive the model, batch, iterations, LRs and weight decay of a resolved config (module docstring)."""
-    assert config.depth and config.aspect_ratio and config.head_dim and config.seq_len  # resolved
-    model_config = gpt_config_dict(config.depth, config.aspect_ratio, config.head_dim, config.seq_len,
-                                   vocab_size, config.window_pattern)
-    n_params = scaling_params(model_config)
+    gpt_config = model_config(config, vocab_size)
+    n_params = scaling_params(gpt_config)
     ratio = float(config.target_param_data_ratio or 0)
     target_tokens = int(ratio * n_params)
-    micro_tokens = int(config.device_batch_size or 0) * config.seq_len * world_size
-    ref_tokens = ratio * scaling_params(gpt_config_dict(REFERENCE_DEPTH, 64, 128, config.seq_len, vocab_size,
-                                                        config.window_pattern))
+    micro_tokens = int(config.device_batch_size or 0) * int(config.seq_len or 0) * world_size
+    reference = config_for_depth(recipe.REFERENCE_DEPTH, vocab_size, gpt_config.sequence_len,
+                                 head_dim=recipe.HEAD_DIM, aspect_ratio=recipe.ASPECT_RATIO,
+                                 window_pattern=config.window_pattern)
+    reference_tokens = ratio * scaling_params(reference)
     if config.total_batch_size is not None:
         total_batch = config.total_batch_size
     else:
-        total_batch = round_batch(REFERENCE_BATCH_TOKENS * (target_tokens / ref_tokens) ** BATCH_EXPONENT,
-                                  micro_tokens)
+        total_batch = recipe.optimal_batch_tokens(target_tokens, reference_tokens, micro_tokens)
     if total_batch % micro_tokens:
         raise ValueError(f"total_batch_size {total_batch} is not a multiple of device_batch_size * seq_len * "
                          f"world_size = {micro_tokens}")
     num_iterations = config.num_iterations or max(1, round(target_tokens / total_batch))
+    base_weight_decay = float(config.weight_decay if config.weight_decay is not None else recipe.WEIGHT_DECAY)
     if config.scale_hyperparameters:
-        lr_scale = math.sqrt(total_batch / REFERENCE_BATCH_TOKENS)
-        trained_tokens = num_iterations * total_batch
-        weight_decay = BASE_WEIGHT_DECAY * lr_scale * ref_tokens / trained_tokens
+        lr_scale = recipe.lr_batch_scale(total_batch)
+        weight_decay = recipe.scaled_weight_decay(base_weight_decay, total_batch, reference_tokens,
+                                                  num_iterations * total_batch)
     else:
-        lr_scale, weight_decay = 1.0, BASE_WEIGHT_DECAY
-    return TrainPlan(model_config=model_config, num_scaling_params=n_params, target_tokens=target_tokens,
+        lr_scale, weight_decay = 1.0, base_weight_decay
+    lrs = {name: float(getattr(config, name)) * lr_scale for name in _BASE_LR_FIELDS}
+    return TrainPlan(model_config=gpt_config, num_scaling_params=n_params, target_tokens=target_tokens,
                      total_batch_size=total_batch, grad_accum_steps=total_batch // micro_tokens,
-                     num_iterations=num_iterations, lr_scale=lr_scale, weight_decay=weight_decay,
-                     lrs={k: v * lr_scale for k, v in BASE_LRS.items()})
+                     num_iterations=num_iterations, lr_scale=lr_scale, weight_decay=weight_decay, lrs=lrs)
 
 
 # ---- pieces of the loop ----------------------------------------------------------------------------
@@ -219,11 +217,10 @@ class LoopState:
     min_val_bpb: float | None = None
 
 
-def _load_tokenizer(config: TrainConfig) -> tuple[Any, Path]:
-    from nanochat_rs.tokenizer import get_tokenizer, tokenizer_dir
+def _load_tokenizer(config: TrainConfig) -> Any:
+    from nanochat_rs.tok_train import load_or_train_tokenizer
 
-    directory = Path(config.tokenizer_dir) if config.tokenizer_dir else tokenizer_dir()
-    return get_tokenizer(directory), directory.resolve()
+    return load_or_train_tokenizer(config.tokenizer_dir)
 
 
 def peak_flops(device_name: str) -> float | None:
@@ -245,11 +242,13 @@ def check_fp8_device(device: torch.device) -> None:
                          "which this GPU lacks; train without --fp8")
 
 
-def _build_model(plan: TrainPlan, config: TrainConfig, device: torch.device) -> torch.nn.Module:
-    from nanochat_rs.checkpoint import build_model
-
+def _build_model(plan: TrainPlan, config: TrainConfig, device: torch.device) -> GPT:
     if config.fp8:
         check_fp8_device(device)
+    assert config.device_batch_size
+    check_fits(training_memory_bytes(plan.model_config, config.device_batch_size), device,
+               f"training depth {plan.model_config.n_layer} (dim {plan.model_config.n_embd}) at "
+               f"{config.device_batch_size}x{plan.model_config.sequence_len} tokens per micro-step")
     model = build_model(plan.model_config, device)
     if config.fp8:
         from nanochat_rs.fp8 import convert_to_float8_training
@@ -257,6 +256,41 @@ def _build_model(plan: TrainPlan, config: TrainConfig, device: torch.device) -> 
         # Block matmuls only: the lm_head feeds the soft-capped logits and stays in high precision.
         convert_to_float8_training(model, lambda module, fqn: fqn.startswith("transformer.h."))
     return model
+
+
+def compile_available(device: torch.device) -> str | None:
+    """None when torch.compile works here; otherwise why not (one line).
+
+    A tiny forward+backward through the same backend the model will use: on CPU, inductor needs a
+    working C++ compiler, which a minimal machine may lack.
+    """
+    try:
+        probe = torch.compile(lambda x: (x * x).sum(), dynamic=False)
+        x = torch.ones(4, device=device, requires_grad=True)
+        probe(x).backward()
+    except Exception as e:  # dynamo/inductor raise many types (BackendCompilerFailed, CppCompileError, ...)
+        lines = str(e).strip().splitlines()
+        return f"{type(e).__name__}: {lines[0] if lines else ''}"
+    return None
+
+
+def ensure_writable(run_dir: Path, needed_bytes: int) -> None:
+    """Check before training (not after it) that checkpoints can be written: a clear error now instead
+    of a run whose result cannot be saved."""
+    import shutil
+    import tempfile
+
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=run_dir, prefix=".write-probe-"):
+            pass
+    except OSError as e:
+        raise OSError(e.errno, f"cannot write checkpoints to {run_dir}: {e.strerror or e}; pass --run-dir "
+                               "or set NANOCHAT_BASE_DIR to a writable directory") from None
+    free = shutil.disk_usage(run_dir).free
+    if free < needed_bytes:
+        raise OSError(28, f"{run_dir} has {format_bytes(free)} free, a checkpoint of this run needs about "
+                          f"{format_bytes(needed_bytes)}; free some space or pass --run-dir")
 
 
 def _full_precision(model: torch.nn.Module, config: TrainConfig) -> contextlib.AbstractContextManager[Any]:
@@ -277,9 +311,9 @@ def _resume(run_dir: Path, config: TrainConfig, plan: TrainPlan, model: torch.nn
     if meta["step"] > plan.num_iterations:
         raise ValueError(f"cannot resume: the checkpoint is at step {meta['step']}, past this run's "
                          f"{plan.num_iterations} iterations; pass num_iterations >= {meta['step']}")
-    if meta["model_config"] != plan.model_config:
+    if meta["model_config"] != asdict(plan.model_config):
         raise ValueError(f"cannot resume: the checkpoint's model {meta['model_config']} differs from this "
-                         f"run's {plan.model_config}; pass the same depth/preset/seq_len as the original run")
+                         f"run's {asdict(plan.model_config)}; pass the same depth/preset/seq_len as the original run")
     model.load_state_dict(model_state, strict=True)
     assert optim_state is not None
     try:
@@ -324,30 +358,41 @@ def _sample(model: Any, tokenizer: Any, max_tokens: int) -> None:
 
 
 def _save(run_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-          loader_state: Any, loop: LoopState, config: TrainConfig, plan: TrainPlan, tokenizer_dir: Path,
+          loader_state: Any, loop: LoopState, config: TrainConfig, plan: TrainPlan, tokenizer: Any,
           info: DistInfo) -> None:
-    from nanochat_rs.checkpoint import save_checkpoint, tokenizer_fingerprint
+    from nanochat_rs.checkpoint import save_checkpoint
 
-    meta = {
-        "model_config": plan.model_config, "step": step, "dataloader_state": loader_state,
-        "tokenizer_dir": str(tokenizer_dir),
-        "tokenizer_id": tokenizer_fingerprint(tokenizer_dir), "train_config": asdict(config),
-        "plan": asdict(plan), "loop_state": asdict(loop),
-    }
-    path = save_checkpoint(run_dir, step, model, optimizer, meta, rank=info.rank)
+    meta = {"model_config": asdict(plan.model_config), "step": step, "dataloader_state": loader_state,
+            "train_config": asdict(config), "plan": asdict(plan), "loop_state": asdict(loop)}
+    path = save_checkpoint(run_dir, step, model, optimizer, meta, rank=info.rank, tokenizer=tokenizer)
     print0(f"Saved checkpoint {path}")
 
 
-def progress_line(step: int, num_iterations: int, loss: float, dt: float, tokens: int, loop: LoopState,
+class StepTimer:
+    """Recent step durations: the ETA follows the current speed, not the run's average (which the
+    first slow steps, an evaluation or a change of machine load would skew for the rest of the run)."""
+
+    def __init__(self, window: int = ETA_WINDOW_STEPS) -> None:
+        self.recent: collections.deque[float] = collections.deque(maxlen=window)
+
+    def add(self, seconds: float) -> None:
+        self.recent.append(seconds)
+
+    def eta_seconds(self, steps_left: int) -> float | None:
+        if not self.recent:
+            return None
+        return steps_left * sum(self.recent) / len(self.recent)
+
+
+def progress_line(step: int, num_iterations: int, loss: float, dt: float, tokens: int, eta_s: float | None,
                   flops_per_token: float, peak_flops_per_gpu: float | None, world_size: int) -> str:
     line = (f"step {step:05d}/{num_iterations:05d} ({100 * step / num_iterations:5.1f}%) | loss {loss:.6f} | "
             f"dt {dt * 1000:8.1f} ms | tok/s {tokens / dt:,.0f}")
     if peak_flops_per_gpu is not None:
         mfu = flops_per_token * tokens / dt / (peak_flops_per_gpu * world_size)
         line += f" | mfu {100 * mfu:.2f}%"
-    if loop.timed_steps:
-        eta = (num_iterations - step) * loop.training_time_s / loop.timed_steps
-        line += f" | eta {eta / 60:.1f} min"
+    if eta_s is not None:
+        line += f" | eta {eta_s / 60:.1f} min"
     return line
 
 
@@ -401,24 +446,33 @@ def _train(config: TrainConfig, info: DistInfo, device: torch.device) -> dict[st
     from nanochat_rs.optim import apply_schedules
 
     wall_start = time.time()
-    tokenizer, tokenizer_dir = _load_tokenizer(config)
+    tokenizer = _load_tokenizer(config)
     token_bytes = torch.tensor(tokenizer.token_bytes(), dtype=torch.int64, device=device)
     plan = plan_training(config, tokenizer.vocab_size, info.world_size)
-    model = _build_model(plan, config, device)
-    optimizer = model.setup_optimizer(**plan.optimizer_kwargs())
     run_dir = Path(config.run_dir) if config.run_dir else base_dir() / "base_checkpoints" / f"d{config.depth}"
+    model = _build_model(plan, config, device)  # refuses a model that cannot fit before allocating it
+    if info.rank == 0:
+        ensure_writable(run_dir, checkpoint_bytes(plan.model_config))
+    use_compile = config.compile
+    if use_compile and (reason := compile_available(device)) is not None:
+        print0(f"Note: torch.compile is unavailable here ({reason}); training eagerly (pass --no-compile "
+               "to skip this check)")
+        use_compile = False
+    optimizer = model.setup_optimizer(**plan.lrs, weight_decay=plan.weight_decay, compiled_step=use_compile)
     step, loader_state, loop = 0, None, LoopState()
     if config.resume:
         step, loader_state, loop = _resume(run_dir, config, plan, model, optimizer, info, device)
     start_step = step
-    train_model = torch.compile(model, dynamic=False) if config.compile else model
+    train_model = torch.compile(model, dynamic=False) if use_compile else model
     flops_per_token = float(model.estimate_flops())
     peak_flops_per_gpu = _device_peak_flops(device)
-    _print_plan(config, plan, run_dir, tokenizer.vocab_size)
+    _print_plan(config, plan, run_dir, tokenizer.vocab_size, use_compile)
 
     batches = tokenizing_data_loader(tokenizer, config.device_batch_size, config.seq_len, "train",
                                      device=device, resume_state=loader_state, data_dir=config.data_dir)
     num_iterations = plan.num_iterations
+    schedule = config.schedule
+    timer = StepTimer()
     loss_value = float("nan")
     try:
         while True:
@@ -434,7 +488,7 @@ def _train(config: TrainConfig, info: DistInfo, device: torch.device) -> dict[st
                 with _full_precision(model, config):
                     _sample(model, tokenizer, config.sample_max_tokens)
             if step > start_step and _is_due(step, config.save_every, last):
-                _save(run_dir, step, model, optimizer, loader_state, loop, config, plan, tokenizer_dir, info)
+                _save(run_dir, step, model, optimizer, loader_state, loop, config, plan, tokenizer, info)
             if last:
                 break
             _sync(device)
@@ -445,7 +499,7 @@ def _train(config: TrainConfig, info: DistInfo, device: torch.device) -> dict[st
                 loss = train_model(inputs, targets)
                 loss_sum += loss.detach()
                 (loss / plan.grad_accum_steps).backward()
-            apply_schedules(optimizer, step, num_iterations, **SCHEDULE)
+            apply_schedules(optimizer, step, num_iterations, schedule)
             optimizer.step()
             model.zero_grad(set_to_none=True)
             loss_value = float(loss_sum.item()) / plan.grad_accum_steps  # also syncs the device
@@ -454,13 +508,15 @@ def _train(config: TrainConfig, info: DistInfo, device: torch.device) -> dict[st
             if step > start_step:  # the first step of a session pays for warm-up/compilation
                 loop.training_time_s += dt
                 loop.timed_steps += 1
+                timer.add(dt)
             if not math.isfinite(loss_value):
-                raise FloatingPointError(f"training loss became {loss_value} at step {step}")
+                raise FloatingPointError(f"training loss became {loss_value} at step {step}; lower the LRs")
             loop.smooth_loss = LOSS_EMA_BETA * loop.smooth_loss + (1 - LOSS_EMA_BETA) * loss_value
             step += 1
             debiased = loop.smooth_loss / (1 - LOSS_EMA_BETA**step)
-            print0(progress_line(step, num_iterations, debiased, dt, plan.total_batch_size, loop,
-                                 flops_per_token, peak_flops_per_gpu, info.world_size))
+            print0(progress_line(step, num_iterations, debiased, dt, plan.total_batch_size,
+                                 timer.eta_seconds(num_iterations - step), flops_per_token, peak_flops_per_gpu,
+                                 info.world_size))
     finally:
         _close(batches)
 
@@ -481,10 +537,11 @@ def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.6f}"
 
 
-def _print_plan(config: TrainConfig, plan: TrainPlan, run_dir: Path, vocab_size: int) -> None:
+def _print_plan(config: TrainConfig, plan: TrainPlan, run_dir: Path, vocab_size: int, compiled: bool) -> None:
     mc = plan.model_config
-    print0(f"preset {config.preset} | depth {mc['n_layer']} | dim {mc['n_embd']} | heads {mc['n_head']} | "
-           f"seq {mc['sequence_len']} | vocab {vocab_size} | scaling params {plan.num_scaling_params:,}")
+    print0(f"preset {config.preset} | depth {mc.n_layer} | dim {mc.n_embd} | heads {mc.n_head} | "
+           f"seq {mc.sequence_len} | vocab {vocab_size} | scaling params {plan.num_scaling_params:,}")
     print0(f"batch {plan.total_batch_size:,} tokens ({plan.grad_accum_steps} micro-steps of "
            f"{config.device_batch_size}x{config.seq_len}) | iterations {plan.num_iterations} | "
-           f"lr scale {plan.lr_scale:.4f} | weight decay {plan.weight_decay:.4f} | run dir {run_dir}")
+           f"lr scale {plan.lr_scale:.4f} | weight decay {plan.weight_decay:.4f} | "
+           f"{'compiled' if compiled else 'eager'} | run dir {run_dir}")

@@ -7,7 +7,17 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["check_prompt", "check_sampling_args", "sample_next_token"]
+__all__ = ["MAX_SEED", "MAX_TEMPERATURE", "MIN_TEMPERATURE", "check_prompt", "check_sampling_args",
+           "sample_next_token"]
+
+# Below MIN_TEMPERATURE, logits / T leaves the fp32 range (15 / 1e-40 is inf) and softmax turns into
+# NaN; the argmax that such a temperature approaches is what temperature 0 already gives, exactly.
+# Above MAX_TEMPERATURE the soft-capped logits (|l| <= 15) give a distribution uniform to within 0.3
+# nats, and 1e308 (inf in fp32) would turn masked -inf logits into NaN.
+MIN_TEMPERATURE = 1e-4
+MAX_TEMPERATURE = 100.0
+MAX_SEED = 2**64 - 1
+"""Seeds are the unsigned 64-bit integers torch.Generator.manual_seed takes."""
 
 
 def _is_int(value: object) -> bool:
@@ -41,15 +51,26 @@ def check_prompt(tokens: object, vocab_size: int) -> list[int]:
 
 def check_sampling_args(max_tokens: object, temperature: object, top_k: object, seed: object, *,
                         max_tokens_optional: bool = False) -> None:
-    """Validate the sampling knobs; `max_tokens=None` is allowed only where the caller has a default."""
+    """Validate the sampling knobs; `max_tokens=None` is allowed only where the caller has a default.
+
+    The one home of these rules: the Engine, `GPT.generate` and the chat job all check here.
+    """
     if not (max_tokens is None and max_tokens_optional) and (not _is_int(max_tokens) or max_tokens < 0):
         expected = "a non-negative int or None" if max_tokens_optional else "a non-negative int"
         raise ValueError(f"max_tokens must be {expected}, got {max_tokens!r}")
-    # inf would turn every logit into 0 (or NaN next to a top-k mask) rather than mean "uniform"
-    if (isinstance(temperature, bool) or not isinstance(temperature, int | float) or not temperature >= 0
-            or not math.isfinite(temperature)):
+    if isinstance(temperature, bool) or not isinstance(temperature, int | float):
+        raise TypeError(f"temperature must be a number, got {type(temperature).__name__}")
+    if not temperature >= 0 or not math.isfinite(temperature):
         raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
+    if 0 < temperature < MIN_TEMPERATURE:
+        raise ValueError(f"temperature {temperature!r} is below {MIN_TEMPERATURE}, where sampling breaks down "
+                         "numerically; use 0 for greedy decoding")
+    if temperature > MAX_TEMPERATURE:
+        raise ValueError(f"temperature {temperature!r} is above {MAX_TEMPERATURE:g}, where sampling is uniform "
+                         "noise; use a value between 0 (greedy) and about 2")
     if top_k is not None and (not _is_int(top_k) or top_k < 1):
         raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
     if not _is_int(seed):
-        raise ValueError(f"seed must be an int, got {seed!r}")
+        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+    if not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"seed must fit in 64 bits (0 <= seed < 2**64), got {seed}")

@@ -2,23 +2,35 @@
 
 Token ids 0..255 are the raw bytes, merges follow in the order they were learnt, and the special
 tokens come last. Training and encoding run in Rust (`nanochat_rs._native`) with the GIL released;
-this module only validates input and converts types.
+this module only validates input and converts types. Training the project's tokenizer on the
+dataset is the job of `nanochat_rs.tok_train` (`nanochat-tok-train`).
+
+A saved tokenizer is a directory holding `ranks.tiktoken` (tiktoken's format) and `tokenizer.json`
+(the pattern, the special tokens and the sha256 of the ranks file). Saving replaces both as one:
+the new ranks are written under a hidden name first, then the metadata naming them by hash (the
+commit), then the ranks take their place. A load that finds the metadata ahead of the ranks (a save
+died between the two) completes that save, so every instant has one complete, loadable pair.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
+import hashlib
 import json
 import operator
 import os
+import re
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
+from filelock import FileLock
 
 from nanochat_rs import _native
-from nanochat_rs.util import atomic_write
+from nanochat_rs.util import atomic_write, read_json
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -42,6 +54,8 @@ _FORMAT = "nanochat_rs-tokenizer"
 _FORMAT_VERSION = 1
 _META_FILE = "tokenizer.json"
 _RANKS_FILE = "ranks.tiktoken"
+_LOCK_FILE = ".tokenizer.lock"  # hidden: checkpoint fingerprints hash the visible files only
+_TRAIN_HINT = "train one with `nanochat-tok-train` (or `python -m nanochat_rs.tok_train`)"
 _TEXT_BATCH = 8192  # strings handed to Rust per call when training from a Python iterator
 
 ProgressFn = Callable[[str, int, int], None]
@@ -172,6 +186,11 @@ class Tokenizer:
         per-string copies), or an iterable mixing str and such arrays (e.g. one array per parquet row
         group). Each document is cut to `doc_cap` chars; reading stops after about `max_chars` chars.
         Fewer merges are learnt only if the corpus runs out of pairs.
+
+        `pattern` splits documents into the chunks that merges stay within (default: GPT-4 style).
+        Text that no match of a custom pattern covers is dropped, in training as in encoding (as in
+        tiktoken); training warns once (UserWarning) with the number of bytes dropped. The default
+        pattern covers all text.
         """
         return cls.train_with_stats(texts, vocab_size, pattern, doc_cap=doc_cap, max_chars=max_chars,
                                     progress=progress)[0]
@@ -195,6 +214,10 @@ class Tokenizer:
             raise TypeError(f"pattern must be a str, got {type(pattern).__name__}")
         trainer = _native.BpeTrainer(pattern)  # validates the pattern before any reading
         read = _feed_trainer(trainer, texts, doc_cap, max_chars, progress)
+        if trainer.uncovered_bytes:
+            warnings.warn(f"the split pattern did not match {trainer.uncovered_bytes:,} of {read.bytes:,} bytes of "
+                          f"training text: that text is dropped (in training and in encoding); pattern {pattern!r}",
+                          UserWarning, stacklevel=3)
         if trainer.num_unique_chunks == 0:
             raise ValueError("cannot train a tokenizer on an empty corpus: no text was found")
         num_merges = vocab_size - minimum
@@ -257,7 +280,10 @@ class Tokenizer:
         """Encode a str (-> list of ids) or a list of str (-> list of lists, encoded in parallel).
 
         Special tokens inside the text are not parsed; use `prepend`/`append` (an id or a special
-        token name such as "<|bos|>") to add them.
+        token name such as "<|bos|>") to add them. With a custom split pattern, text that no match
+        of the pattern covers is silently dropped (as in tiktoken); the default pattern covers all
+        text. `num_threads` (lists only; default all cores) is capped at a few threads per core and
+        must not exceed `_native.MAX_NUM_THREADS`.
         """
         first = self._resolve(prepend, "prepend")
         last = self._resolve(append, "append")
@@ -271,7 +297,8 @@ class Tokenizer:
     def encode_flat(self, texts: list[str] | pa.Array | pa.ChunkedArray, prepend: int | str | None = None,
                     num_threads: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Encode many documents into (uint32 tokens, int64 offsets): document i is
-        `tokens[offsets[i]:offsets[i + 1]]`. Arrow string arrays are read in place."""
+        `tokens[offsets[i]:offsets[i + 1]]`. Arrow string arrays are read in place. Text, pattern
+        and `num_threads` as in `encode`."""
         first = self._resolve(prepend, "prepend")
         if _is_arrow_array(texts):
             return self.encode_arrow(texts, prepend=first, num_threads=num_threads)
@@ -323,15 +350,21 @@ class Tokenizer:
                                  mergeable_ranks=self.mergeable_ranks(), special_tokens=self.special_tokens())
 
     def save(self, directory: str | os.PathLike[str]) -> Path:
-        """Write the tokenizer into `directory` (created if needed); files are replaced atomically."""
+        """Write the tokenizer into `directory` (created if needed), replacing a tokenizer saved there
+        as one unit: a process that dies midway leaves the old pair or the new one, never a mix."""
         path = Path(directory)
         path.mkdir(parents=True, exist_ok=True)
         ranks = "".join(f"{base64.b64encode(tok).decode('ascii')} {rank}\n" for rank, tok in enumerate(self._vocab))
+        data = ranks.encode("ascii")
+        digest = _sha256(data)
         meta = {"format": _FORMAT, "version": _FORMAT_VERSION, "pattern": self._pattern,
-                "num_ranks": len(self._vocab), "special_tokens": list(SPECIAL_TOKENS)}
-        atomic_write(path / _RANKS_FILE, lambda f: f.write(ranks), mode="w")
-        # written last: its presence marks a complete save
-        atomic_write(path / _META_FILE, lambda f: f.write(json.dumps(meta, indent=2) + "\n"), mode="w")
+                "num_ranks": len(self._vocab), "special_tokens": list(SPECIAL_TOKENS), "ranks_sha256": digest}
+        with FileLock(str(path / _LOCK_FILE)):  # two savers must not interleave their steps
+            staged = _staged_ranks(path, digest)
+            atomic_write(staged, lambda f: f.write(data))
+            atomic_write(path / _META_FILE, lambda f: f.write(json.dumps(meta, indent=2) + "\n"), mode="w")
+            _complete_save(staged, path / _RANKS_FILE, digest)
+            _remove_leftovers(path)
         return path
 
     @classmethod
@@ -340,22 +373,10 @@ class Tokenizer:
         meta_path, ranks_path = path / _META_FILE, path / _RANKS_FILE
         if not meta_path.is_file() or not ranks_path.is_file():
             raise FileNotFoundError(f"no tokenizer in {path} (expected {_META_FILE} and {_RANKS_FILE}); "
-                                    "train one with scripts/tok_train.py")
-        try:
-            meta = json.loads(meta_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"corrupt tokenizer metadata {meta_path}: {e}") from None
-        if not isinstance(meta, dict) or meta.get("format") != _FORMAT:
-            raise ValueError(f"{meta_path} is not a nanochat_rs tokenizer")
-        if meta.get("version") != _FORMAT_VERSION:
-            raise ValueError(f"{meta_path} has format version {meta.get('version')}, expected {_FORMAT_VERSION}")
-        if not isinstance(meta.get("pattern"), str):
-            raise ValueError(f"{meta_path} has no split pattern (a 'pattern' string)")
-        if tuple(meta.get("special_tokens", ())) != SPECIAL_TOKENS:
-            raise ValueError(f"{meta_path} lists special tokens {meta.get('special_tokens')}, "
-                             f"expected {SPECIAL_TOKENS}")
+                                    f"{_TRAIN_HINT}")
+        meta, data = _read_pair(meta_path, ranks_path)
         vocab: list[bytes] = []
-        for line_no, line in enumerate(ranks_path.read_text().splitlines(), start=1):
+        for line_no, line in enumerate(data.decode("utf-8", errors="replace").splitlines(), start=1):
             try:
                 token_b64, rank_text = line.split()
                 token = base64.b64decode(token_b64, validate=True)
@@ -369,55 +390,101 @@ class Tokenizer:
             raise ValueError(f"{ranks_path} has {len(vocab)} ranks but {meta_path} says {meta.get('num_ranks')}")
         return cls(vocab, meta["pattern"])
 
-    # ---- chat formatting ----------------------------------------------------------------------
-
-    def render_conversation(self, messages: list[dict[str, Any]],
-                            max_tokens: int = 2048) -> tuple[list[int], list[int]]:
-        """Token ids of a conversation and the training mask (1 = assistant tokens to supervise)."""
-        from nanochat_rs.conversation import render_conversation
-
-        return render_conversation(self, messages, max_tokens)
-
-    def render_for_completion(self, messages: list[dict[str, Any]]) -> list[int]:
-        """Token ids priming the assistant's reply to the conversation."""
-        from nanochat_rs.conversation import render_for_completion
-
-        return render_for_completion(self, messages)
-
     def __repr__(self) -> str:
         return f"Tokenizer(vocab_size={self.vocab_size}, merges={len(self._vocab) - 256})"
 
 
 def _check_threads(num_threads: int | None) -> int | None:
-    if num_threads is not None and (not isinstance(num_threads, int) or num_threads < 1):
-        raise ValueError(f"num_threads must be a positive int or None (all cores), got {num_threads!r}")
+    """The upper bound is checked in Rust, which owns the thread pools."""
+    if num_threads is None:
+        return None
+    if isinstance(num_threads, bool) or not isinstance(num_threads, int):
+        raise TypeError(f"num_threads must be an int or None (all cores), got {type(num_threads).__name__}")
+    if num_threads < 1:
+        raise ValueError(f"num_threads must be at least 1 (or None for all cores), got {num_threads}")
     return num_threads
 
 
-DEFAULT_TOKENIZER_VOCAB = 4096
-"""Vocabulary of the tokenizer trained automatically on the embedded corpus (small corpus, CPU-sized
-models); train a bigger one on real data with scripts/tok_train.py."""
+# ---- the saved pair ----------------------------------------------------------------------------------
+
+
+def _staged_ranks(directory: Path, digest: str) -> Path:
+    """Where a save puts the new ranks before its metadata commits to them (hidden, named by hash)."""
+    return directory / f".{_RANKS_FILE}.{digest}"
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _complete_save(staged: Path, ranks_path: Path, digest: str) -> None:
+    """Move committed ranks into place. A concurrent load may have done it already (see _read_pair)."""
+    try:
+        os.replace(staged, ranks_path)
+    except FileNotFoundError:
+        if not ranks_path.is_file() or _sha256(ranks_path.read_bytes()) != digest:
+            raise
+
+
+def _remove_leftovers(directory: Path) -> None:
+    """Remove what interrupted saves left: staged ranks and half-written temp files (hidden names
+    that start with a tokenizer file's name, or a staged file's). Called under the save lock, after
+    a complete save, when none of them is needed."""
+    prefixes = (f".{_RANKS_FILE}.", f".{_META_FILE}.", f"..{_RANKS_FILE}.")
+    for entry in directory.iterdir():
+        if entry.name.startswith(prefixes):
+            with contextlib.suppress(FileNotFoundError):
+                entry.unlink()
+
+
+def _read_meta(meta_path: Path) -> dict[str, Any]:
+    meta = read_json(meta_path, "tokenizer metadata")
+    if not isinstance(meta, dict) or meta.get("format") != _FORMAT:
+        raise ValueError(f"{meta_path} is not a nanochat_rs tokenizer")
+    if meta.get("version") != _FORMAT_VERSION:
+        raise ValueError(f"{meta_path} has format version {meta.get('version')}, expected {_FORMAT_VERSION}")
+    if not isinstance(meta.get("pattern"), str):
+        raise ValueError(f"{meta_path} has no split pattern (a 'pattern' string)")
+    if tuple(meta.get("special_tokens", ())) != SPECIAL_TOKENS:
+        raise ValueError(f"{meta_path} lists special tokens {meta.get('special_tokens')}, "
+                         f"expected {SPECIAL_TOKENS}")
+    digest = meta.get("ranks_sha256")
+    if digest is not None and not (isinstance(digest, str) and re.fullmatch(r"[0-9a-f]{64}", digest)):
+        raise ValueError(f"{meta_path} has a malformed ranks_sha256 {digest!r}")
+    return meta
+
+
+def _read_pair(meta_path: Path, ranks_path: Path) -> tuple[dict[str, Any], bytes]:
+    """The metadata and the ranks it names. If the ranks file is older than the metadata (a save
+    died after its commit), the save is completed from its staged ranks. Tokenizers saved before
+    the metadata held a hash are taken as they are."""
+    for _ in range(3):  # a save running alongside may replace the files between our two reads
+        meta = _read_meta(meta_path)
+        data = ranks_path.read_bytes()
+        expected = meta.get("ranks_sha256")
+        if expected is None or _sha256(data) == expected:
+            return meta, data
+        staged = _staged_ranks(meta_path.parent, str(expected))
+        try:
+            data = staged.read_bytes()
+        except FileNotFoundError:
+            continue
+        if _sha256(data) == expected:
+            with contextlib.suppress(OSError):  # read-only directory: still loadable, repaired by the next save
+                _complete_save(staged, ranks_path, expected)
+            return meta, data
+    raise ValueError(f"{ranks_path} does not match {meta_path} (the sha256 it records): the two files come from "
+                     f"different saves; {_TRAIN_HINT}")
 
 
 def tokenizer_dir() -> Path:
+    """Where the project's tokenizer lives: `$NANOCHAT_BASE_DIR/tokenizer`."""
     from nanochat_rs.common import base_dir
 
     return base_dir() / "tokenizer"
 
 
 def get_tokenizer(directory: str | os.PathLike[str] | None = None) -> Tokenizer:
-    """Load the project tokenizer; if none exists yet, train one on the embedded corpus and cache it."""
-    path = Path(directory) if directory is not None else tokenizer_dir()
-    if (path / _META_FILE).is_file():
-        return Tokenizer.load(path)
-    import pyarrow.parquet as pq
-
-    from nanochat_rs.dataset import embedded_corpus_dir
-
-    shards = sorted(embedded_corpus_dir().glob("shard_*.parquet"))[:-1]  # the last shard is validation
-    print(f"No tokenizer in {path}: training a {DEFAULT_TOKENIZER_VOCAB}-token one on the embedded corpus "
-          f"({len(shards)} shards); train your own with scripts/tok_train.py")
-    columns = (pq.read_table(shard, columns=["text"]).column("text") for shard in shards)
-    tokenizer = Tokenizer.train(columns, DEFAULT_TOKENIZER_VOCAB)
-    tokenizer.save(path)
-    return tokenizer
+    """Load the project tokenizer (default: `tokenizer_dir()`). FileNotFoundError when none was
+    trained; `nanochat_rs.tok_train.load_or_train_tokenizer` trains one on the embedded corpus instead."""
+    return Tokenizer.load(Path(directory) if directory is not None else tokenizer_dir())

@@ -5,7 +5,6 @@ use pyo3::prelude::*;
 
 mod buffers;
 mod packer;
-mod threads;
 mod tokenizer;
 
 #[pymodule]

@@ -1,25 +1,29 @@
 //! Python skin over `nanochat_packer`: buffer-protocol views in and out, the GIL released while
-//! documents are copied in and rows are written, errors as Python exceptions.
+//! documents are copied in and rows are written, Python objects to and from the crate's state
+//! [`Value`]s, errors as Python exceptions.
 //!
-//! `python/nanochat_rs/packer.py` is the public API; it validates arguments with friendly messages
-//! before calling here, and this layer re-checks everything that memory safety depends on.
+//! `python/nanochat_rs/packer.py` is the public API; it gives friendly messages for the argument
+//! types it can see, and this layer re-checks everything that memory safety depends on. The state's
+//! schema and its checks live in the packer crate; nothing here knows what a state contains.
 
-use std::collections::HashMap;
+use std::sync::Arc;
 
-use nanochat_packer::{codec, PackError, Packer, PackerConfig, PackerState, Stats};
+use nanochat_packer::{DocTexts, PackError, Packer, PackerConfig, Value, STATE_FORMAT, STATE_VERSION};
 use pyo3::buffer::PyBuffer;
-use pyo3::exceptions::{PyRuntimeError, PyValueError};
+use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::{PyDict, PyList, PyString};
+use pyo3::types::{PyBool, PyDict, PyInt, PyList, PyMapping, PyString, PyTuple};
 
 use crate::buffers::{readonly_slice, writable_slice};
 
-/// Identifies a state produced by this class (checked on load).
-const STATE_FORMAT: &str = "nanochat_rs.BestFitPacker";
-const STATE_VERSION: u32 = 1;
+/// No state is nested more than a few levels; this bounds the recursion on crafted input.
+const MAX_STATE_DEPTH: usize = 8;
 
 fn to_py_err(e: PackError) -> PyErr {
-    PyValueError::new_err(e.to_string())
+    match e {
+        PackError::StateType(_) => PyTypeError::new_err(e.to_string()),
+        _ => PyValueError::new_err(e.to_string()),
+    }
 }
 
 fn check_ndim<T: pyo3::buffer::Element>(buf: &PyBuffer<T>, name: &str, ndim: usize) -> PyResult<()> {
@@ -38,99 +42,118 @@ fn check_disjoint(a: &PyBuffer<i64>, b: &PyBuffer<i64>) -> PyResult<()> {
     Ok(())
 }
 
+fn type_name(obj: &Bound<'_, PyAny>) -> String {
+    obj.get_type().name().map(|n| n.to_string()).unwrap_or_else(|_| "?".into())
+}
+
+/// A Python object of the JSON data model as a [`Value`]; other objects become `Value::Other`,
+/// which the schema rejects with a TypeError naming the key.
+fn to_value(obj: &Bound<'_, PyAny>, depth: usize) -> PyResult<Value> {
+    if depth > MAX_STATE_DEPTH {
+        return Err(PyValueError::new_err("a packer state is not nested this deeply"));
+    }
+    let items = |seq: Bound<'_, PyAny>| -> PyResult<Value> {
+        seq.try_iter()?.map(|item| to_value(&item?, depth + 1)).collect::<PyResult<_>>().map(Value::List)
+    };
+    Ok(if obj.is_none() {
+        Value::Null
+    } else if let Ok(b) = obj.cast::<PyBool>() {
+        Value::Bool(b.is_true())
+    } else if let Ok(s) = obj.cast::<PyString>() {
+        Value::Str(Arc::from(s.to_str()?))
+    } else if obj.is_instance_of::<PyList>() || obj.is_instance_of::<PyTuple>() {
+        items(obj.clone())?
+    } else if let Ok(map) = obj.cast::<PyMapping>() {
+        let mut entries = Vec::new();
+        for item in map.items()?.iter() {
+            let (key, value): (Bound<'_, PyAny>, Bound<'_, PyAny>) = item.extract()?;
+            entries.push((key.str()?.to_str()?.to_owned(), to_value(&value, depth + 1)?));
+        }
+        Value::Map(entries)
+    } else if obj.is_instance_of::<PyInt>() || obj.hasattr("__index__")? {
+        // `__index__` admits numpy integers, as `operator.index` does.
+        match obj.extract::<i128>() {
+            Ok(v) => Value::Int(v),
+            Err(_) => Value::BigInt(obj.call_method0("__index__")?.str()?.to_str()?.to_owned()),
+        }
+    } else {
+        Value::Other(type_name(obj))
+    })
+}
+
+fn to_python<'py>(py: Python<'py>, value: &Value) -> PyResult<Bound<'py, PyAny>> {
+    Ok(match value {
+        Value::Null => py.None().into_bound(py),
+        Value::Bool(b) => PyBool::new(py, *b).to_owned().into_any(),
+        Value::Int(v) => v.into_pyobject(py)?.into_any(),
+        Value::BigInt(text) => py.get_type::<PyInt>().call1((text.as_str(),))?,
+        Value::Str(s) => PyString::new(py, s).into_any(),
+        Value::List(items) => {
+            PyList::new(py, items.iter().map(|v| to_python(py, v)).collect::<PyResult<Vec<_>>>()?)?.into_any()
+        }
+        Value::Map(entries) => {
+            let d = PyDict::new(py);
+            for (k, v) in entries {
+                d.set_item(k, to_python(py, v)?)?;
+            }
+            d.into_any()
+        }
+        Value::Other(name) => return Err(PyTypeError::new_err(format!("cannot export a value of type {name}"))),
+    })
+}
+
+/// Best-fit packer with crop-shortest over a stream of BOS-started documents (see
+/// `nanochat_rs.packer.BestFitPacker`, the public wrapper, for the rules).
 #[pyclass(module = "nanochat_rs._native", name = "Packer")]
 pub struct PyPacker {
     inner: Packer,
-    /// Base64 text of documents already exported by `state_dict`, by arrival number. A document
-    /// stays in the packer for many batches, so taking the state after every batch would otherwise
-    /// re-encode the same tokens again and again.
-    encoded: HashMap<u64, Py<PyString>>,
-}
-
-/// Encoded text of every document in `docs`, reusing cached strings and encoding the rest
-/// without the GIL. The cache is replaced by exactly these documents (the ones still held).
-fn encode_docs(
-    py: Python<'_>,
-    cache: &mut HashMap<u64, Py<PyString>>,
-    docs: &[(u64, &[u32])],
-) -> PyResult<Vec<Py<PyString>>> {
-    let missing: Vec<(u64, &[u32])> = docs.iter().copied().filter(|(s, _)| !cache.contains_key(s)).collect();
-    let fresh: Vec<(u64, String)> = py.detach(|| missing.iter().map(|&(s, t)| (s, codec::encode_tokens(t))).collect());
-    let mut old = std::mem::take(cache);
-    cache.extend(fresh.into_iter().map(|(s, text)| (s, PyString::new(py, &text).unbind())));
-    let mut out = Vec::with_capacity(docs.len());
-    for &(seq, _) in docs {
-        if let Some(text) = old.remove(&seq) {
-            cache.insert(seq, text);
-        }
-        let text = cache
-            .get(&seq)
-            .ok_or_else(|| PyRuntimeError::new_err(format!("internal error: document {seq} has no encoding")))?;
-        out.push(text.clone_ref(py));
-    }
-    Ok(out)
-}
-
-fn stats_items(stats: &Stats) -> [(&'static str, u64); 7] {
-    [
-        ("docs_in", stats.docs_in),
-        ("tokens_in", stats.tokens_in),
-        ("tokens_placed", stats.tokens_placed),
-        ("tokens_cropped", stats.tokens_cropped),
-        ("docs_placed", stats.docs_placed),
-        ("docs_cropped", stats.docs_cropped),
-        ("rows_packed", stats.rows_packed),
-    ]
-}
-
-/// Decode `docs` (base64 strings) without the GIL; errors name the list and index.
-fn decode_docs(py: Python<'_>, name: &str, docs: &[Bound<'_, PyString>]) -> PyResult<Vec<Vec<u32>>> {
-    let texts: Vec<&str> = docs.iter().map(|d| d.to_str()).collect::<PyResult<_>>()?;
-    py.detach(|| {
-        texts
-            .iter()
-            .enumerate()
-            .map(|(i, t)| codec::decode_tokens(t).map_err(|e| format!("{name}[{i}] is not an encoded document: {e}")))
-            .collect::<Result<Vec<_>, String>>()
-    })
-    .map_err(PyValueError::new_err)
+    texts: DocTexts,
 }
 
 #[pymethods]
 impl PyPacker {
+    /// Rows of `seq_len` positions, the first `audio_prefix_len` of them audio; the buffer is
+    /// topped up to `buffer_size` documents; every document must start with `bos_token_id` when
+    /// given. ValueError for a configuration that holds no text token per row.
     #[new]
     #[pyo3(signature = (seq_len, buffer_size=1000, audio_prefix_len=0, bos_token_id=None))]
     fn new(seq_len: usize, buffer_size: usize, audio_prefix_len: usize, bos_token_id: Option<u32>) -> PyResult<Self> {
         let config = PackerConfig::new(seq_len, buffer_size, audio_prefix_len, bos_token_id).map_err(to_py_err)?;
-        Ok(PyPacker { inner: Packer::new(config).map_err(to_py_err)?, encoded: HashMap::new() })
+        Ok(PyPacker { inner: Packer::new(config).map_err(to_py_err)?, texts: DocTexts::default() })
     }
 
+    /// Positions per row: audio prefix plus text.
     #[getter]
     fn seq_len(&self) -> usize {
         self.inner.config().seq_len
     }
 
+    /// Documents the buffer is topped up to before every placement.
     #[getter]
     fn buffer_size(&self) -> usize {
         self.inner.config().buffer_size
     }
 
+    /// Audio positions in front of the text of every row.
     #[getter]
     fn audio_prefix_len(&self) -> usize {
         self.inner.config().audio_prefix_len
     }
 
+    /// The token every document must start with, or None when unchecked.
     #[getter]
     fn bos_token_id(&self) -> Option<u32> {
         self.inner.config().bos_token_id
     }
 
+    /// Whether `finish()` was called (end of stream).
     #[getter]
     fn finished(&self) -> bool {
         self.inner.is_finished()
     }
 
-    /// Append documents: `tokens` (uint32, 1-D) and `offsets` (int64, 1-D, `len(docs) + 1` values).
+    /// Append documents: `tokens` (uint32, 1-D) and `offsets` (int64, 1-D, `len(docs) + 1` values,
+    /// from 0 to len(tokens), strictly increasing). ValueError on invalid input, which adds nothing.
     fn push(&mut self, py: Python<'_>, tokens: PyBuffer<u32>, offsets: PyBuffer<i64>) -> PyResult<()> {
         check_ndim(&tokens, "tokens", 1)?;
         check_ndim(&offsets, "offsets", 1)?;
@@ -140,6 +163,7 @@ impl PyPacker {
         py.detach(|| inner.push(tokens, offsets)).map_err(to_py_err)
     }
 
+    /// Mark the end of the stream: later top-ups take whatever is left.
     fn finish(&mut self) {
         self.inner.finish();
     }
@@ -165,10 +189,11 @@ impl PyPacker {
         py.detach(|| inner.pack_into(inputs, targets)).map_err(to_py_err)
     }
 
-    /// Counters, plus what is currently held in the buffer and the pending queue.
+    /// Counters (docs_in, tokens_in, tokens_placed, tokens_cropped, docs_placed, docs_cropped,
+    /// rows_packed), plus what is currently held in the buffer and the pending queue.
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let d = PyDict::new(py);
-        for (k, v) in stats_items(&self.inner.stats()) {
+        for (k, v) in self.inner.stats().named() {
             d.set_item(k, v)?;
         }
         d.set_item("docs_buffered", self.inner.docs_buffered())?;
@@ -178,91 +203,20 @@ impl PyPacker {
         Ok(d)
     }
 
-    /// The full state as a JSON-serialisable dict (documents as base64 of little-endian uint32).
-    fn state_dict<'py>(&mut self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let inner = &self.inner;
-        let config = *inner.config();
-        let mut docs = inner.buffered_docs();
-        let buffer_seqs: Vec<u64> = docs.iter().map(|&(s, _)| s).collect();
-        docs.extend(inner.pending_docs());
-        let mut texts = encode_docs(py, &mut self.encoded, &docs)?;
-        let pending_texts = texts.split_off(buffer_seqs.len());
-
-        let d = PyDict::new(py);
-        d.set_item("format", STATE_FORMAT)?;
-        d.set_item("version", STATE_VERSION)?;
-        d.set_item("seq_len", config.seq_len)?;
-        d.set_item("buffer_size", config.buffer_size)?;
-        d.set_item("audio_prefix_len", config.audio_prefix_len)?;
-        d.set_item("bos_token_id", config.bos_token_id)?;
-        d.set_item("finished", inner.is_finished())?;
-        d.set_item("next_seq", inner.next_seq())?;
-        let stats = PyDict::new(py);
-        for (k, v) in stats_items(&inner.stats()) {
-            stats.set_item(k, v)?;
-        }
-        d.set_item("stats", stats)?;
-        d.set_item("buffer_seqs", PyList::new(py, buffer_seqs)?)?;
-        d.set_item("buffer_docs", PyList::new(py, texts)?)?;
-        d.set_item("pending_docs", PyList::new(py, pending_texts)?)?;
-        Ok(d)
+    /// The full state as a JSON-serialisable dict (documents as base64 of their tokens).
+    fn state_dict<'py>(&mut self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let (inner, texts) = (&self.inner, &mut self.texts);
+        let value = py.detach(|| inner.state_value(texts));
+        to_python(py, &value)
     }
 
-    /// Replace the whole state by one from `state_dict` (already checked for shape by the Python
-    /// wrapper; here for consistency). The configuration must equal this packer's.
-    #[allow(clippy::too_many_arguments)]
-    #[pyo3(signature = (seq_len, buffer_size, audio_prefix_len, bos_token_id, finished, next_seq, stats,
-                        buffer_seqs, buffer_docs, pending_docs))]
-    fn load_state(
-        &mut self,
-        py: Python<'_>,
-        seq_len: usize,
-        buffer_size: usize,
-        audio_prefix_len: usize,
-        bos_token_id: Option<u32>,
-        finished: bool,
-        next_seq: u64,
-        stats: (u64, u64, u64, u64, u64, u64, u64),
-        buffer_seqs: Vec<u64>,
-        buffer_docs: Vec<Bound<'_, PyString>>,
-        pending_docs: Vec<Bound<'_, PyString>>,
-    ) -> PyResult<()> {
-        let config = PackerConfig { seq_len, buffer_size, audio_prefix_len, bos_token_id };
-        if config != *self.inner.config() {
-            return Err(PyValueError::new_err(format!(
-                "state was saved by a packer with {config:?}, this packer has {:?}",
-                self.inner.config()
-            )));
-        }
-        if buffer_seqs.len() != buffer_docs.len() {
-            return Err(PyValueError::new_err(format!(
-                "buffer_seqs has {} entries but buffer_docs has {}",
-                buffer_seqs.len(),
-                buffer_docs.len()
-            )));
-        }
-        let (docs_in, tokens_in, tokens_placed, tokens_cropped, docs_placed, docs_cropped, rows_packed) = stats;
-        let stats = Stats { docs_in, tokens_in, tokens_placed, tokens_cropped, docs_placed, docs_cropped, rows_packed };
-        let state = PackerState {
-            config,
-            stats,
-            next_seq,
-            finished,
-            buffer: buffer_seqs.iter().copied().zip(decode_docs(py, "buffer_docs", &buffer_docs)?).collect(),
-            pending: decode_docs(py, "pending_docs", &pending_docs)?,
-        };
-        let inner = py.detach(|| Packer::from_state(state)).map_err(to_py_err)?;
-        // The given strings decode to exactly these documents, so they serve as their cached encodings.
-        let first_pending = next_seq - pending_docs.len() as u64;
-        let pending_seqs = (0..pending_docs.len() as u64).map(|i| first_pending + i);
-        self.encoded = buffer_seqs
-            .into_iter()
-            .chain(pending_seqs)
-            .zip(buffer_docs.into_iter().chain(pending_docs))
-            .map(|(seq, text)| (seq, text.unbind()))
-            .collect();
-        self.inner = inner;
-        Ok(())
+    /// Replace the whole state by one from `state_dict()` of a packer with the same configuration.
+    /// Every key is checked (TypeError for a wrong type, ValueError for a wrong value, including
+    /// counters without room to grow); on error nothing changes.
+    fn load_state_dict(&mut self, py: Python<'_>, state: &Bound<'_, PyAny>) -> PyResult<()> {
+        let value = to_value(state, 0)?;
+        let (inner, texts) = (&mut self.inner, &mut self.texts);
+        py.detach(|| inner.load_state_value(&value, texts)).map_err(to_py_err)
     }
 }
 

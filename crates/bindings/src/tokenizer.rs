@@ -2,18 +2,22 @@
 
 use std::ops::ControlFlow;
 
-use nanochat_tokenizer::train::{truncate_chars, vocab_bytes};
-use nanochat_tokenizer::{ChunkCounter, Encoder, Splitter, TokenizerError, DEFAULT_PATTERN};
+use nanochat_tokenizer::arrow::{arrow_strs, ArrowOffsets};
+use nanochat_tokenizer::threads::{with_threads, MAX_NUM_THREADS};
+use nanochat_tokenizer::train::vocab_bytes;
+use nanochat_tokenizer::{ChunkCounter, Encoder, Splitter, TextRead, TokenizerError, DEFAULT_PATTERN};
 use pyo3::buffer::PyBuffer;
-use pyo3::exceptions::{PyTypeError, PyValueError};
+use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyList, PyString};
 
 use crate::buffers::readonly_slice;
-use crate::threads::in_pool;
 
 fn to_py_err(e: TokenizerError) -> PyErr {
-    PyValueError::new_err(e.to_string())
+    match e {
+        TokenizerError::ThreadPool(_) => PyRuntimeError::new_err(e.to_string()),
+        _ => PyValueError::new_err(e.to_string()),
+    }
 }
 
 /// Copy every item of a Python list into a `String` (so the work can run without the GIL while
@@ -34,96 +38,24 @@ fn list_of_str(texts: &Bound<'_, PyList>) -> PyResult<Vec<String>> {
 
 /// Offsets buffer of an Arrow string array: int32 for `string`, int64 for `large_string`.
 #[derive(FromPyObject)]
-enum ArrowOffsets {
+enum OffsetsBuffer {
     Small(PyBuffer<i32>),
     Large(PyBuffer<i64>),
 }
 
-/// An Arrow string array borrowed from Python: its data bytes and its `len + 1` offsets (already
-/// sliced to the array). Borrowing needs the GIL; reading it ([`ArrowStrings::strs`]) does not.
-struct ArrowStrings<'a> {
-    data: &'a [u8],
-    offsets: ArrowOffsetSlice<'a>,
+fn borrow_offsets<'a>(py: Python<'_>, offsets: &'a OffsetsBuffer) -> PyResult<ArrowOffsets<'a>> {
+    Ok(match offsets {
+        OffsetsBuffer::Small(b) => ArrowOffsets::Small(readonly_slice(py, b)?),
+        OffsetsBuffer::Large(b) => ArrowOffsets::Large(readonly_slice(py, b)?),
+    })
 }
 
-enum ArrowOffsetSlice<'a> {
-    Small(&'a [i32]),
-    Large(&'a [i64]),
+fn read_tuple(read: TextRead) -> (usize, u64, u64) {
+    (read.documents, read.chars, read.bytes)
 }
 
-impl<'a> ArrowStrings<'a> {
-    fn borrow(py: Python<'_>, data: &'a PyBuffer<u8>, offsets: &'a ArrowOffsets) -> PyResult<Self> {
-        let offsets = match offsets {
-            ArrowOffsets::Small(b) => ArrowOffsetSlice::Small(readonly_slice(py, b)?),
-            ArrowOffsets::Large(b) => ArrowOffsetSlice::Large(readonly_slice(py, b)?),
-        };
-        Ok(ArrowStrings { data: readonly_slice(py, data)?, offsets })
-    }
-
-    /// Every row as `&str` without copying the text; checks the offsets and the UTF-8 (which is
-    /// a pass over all the text, hence done without the GIL).
-    fn strs(&self) -> PyResult<Vec<&'a str>> {
-        match self.offsets {
-            ArrowOffsetSlice::Small(o) => rows_as_strs(self.data, o.iter().map(|&x| i64::from(x))),
-            ArrowOffsetSlice::Large(o) => rows_as_strs(self.data, o.iter().copied()),
-        }
-    }
-}
-
-fn rows_as_strs(data: &[u8], offsets: impl Iterator<Item = i64>) -> PyResult<Vec<&str>> {
-    let mut out = Vec::with_capacity(offsets.size_hint().0.saturating_sub(1));
-    let mut offsets = offsets.peekable();
-    let mut row = 0;
-    while let (Some(start), Some(&end)) = (offsets.next(), offsets.peek()) {
-        if start < 0 || end < start || end as u64 > data.len() as u64 {
-            return Err(PyValueError::new_err(format!(
-                "arrow offsets are corrupt at row {row}: {start}..{end} with {} data bytes",
-                data.len()
-            )));
-        }
-        let text = std::str::from_utf8(&data[start as usize..end as usize])
-            .map_err(|e| PyValueError::new_err(format!("arrow row {row} is not valid UTF-8: {e}")))?;
-        out.push(text);
-        row += 1;
-    }
-    Ok(out)
-}
-
-/// What a batch of documents contributed to training: documents taken, and the chars and UTF-8
-/// bytes of their text after the `doc_cap` crop (bytes are the fair unit for throughput).
-type TextRead = (usize, u64, u64);
-
-/// How many of `texts` fit a budget of `max_chars` (counting each after the `doc_cap` crop); the
-/// document that crosses the budget is included.
-fn take_within_budget<S: AsRef<str>>(texts: &[S], doc_cap: Option<usize>, max_chars: Option<u64>) -> TextRead {
-    let (mut chars, mut bytes) = (0u64, 0u64);
-    for (i, t) in texts.iter().enumerate() {
-        if max_chars.is_some_and(|m| chars >= m) {
-            return (i, chars, bytes);
-        }
-        let text = match doc_cap {
-            Some(cap) => truncate_chars(t.as_ref(), cap),
-            None => t.as_ref(),
-        };
-        chars += text.chars().count() as u64;
-        bytes += text.len() as u64;
-    }
-    (texts.len(), chars, bytes)
-}
-
-/// Count the documents that fit the budget; call without the GIL.
-fn count_within_budget<S: AsRef<str> + Sync>(
-    counter: &mut ChunkCounter,
-    texts: &[S],
-    doc_cap: Option<usize>,
-    max_chars: Option<u64>,
-) -> PyResult<TextRead> {
-    let read = take_within_budget(texts, doc_cap, max_chars);
-    counter.add_documents(&texts[..read.0], doc_cap).map_err(to_py_err)?;
-    Ok(read)
-}
-
-/// Streaming BPE trainer: feed documents in batches, then `train`.
+/// Streaming byte-level BPE trainer: feed documents in batches (`add_texts`, `add_arrow`), then
+/// call `train` once. Only the counts of the split pattern's chunks are kept, never the documents.
 #[pyclass(module = "nanochat_rs._native")]
 pub struct BpeTrainer {
     counter: ChunkCounter,
@@ -131,6 +63,8 @@ pub struct BpeTrainer {
 
 #[pymethods]
 impl BpeTrainer {
+    /// A trainer splitting documents with `pattern` (the default pattern when None). Raises
+    /// ValueError if the pattern does not compile.
     #[new]
     #[pyo3(signature = (pattern=None))]
     fn new(pattern: Option<&str>) -> PyResult<Self> {
@@ -138,8 +72,9 @@ impl BpeTrainer {
         Ok(BpeTrainer { counter: ChunkCounter::new(splitter) })
     }
 
-    /// Count a list of str. Stops once `max_chars` chars were taken; returns (documents, chars,
-    /// bytes) used.
+    /// Count a list of str, each cut to `doc_cap` chars, taking documents until `max_chars` chars
+    /// were taken (the document crossing the budget included). Returns (documents, chars, bytes)
+    /// taken, chars and UTF-8 bytes counted after the crop.
     #[pyo3(signature = (texts, doc_cap=None, max_chars=None))]
     fn add_texts(
         &mut self,
@@ -147,35 +82,48 @@ impl BpeTrainer {
         texts: &Bound<'_, PyList>,
         doc_cap: Option<usize>,
         max_chars: Option<u64>,
-    ) -> PyResult<TextRead> {
+    ) -> PyResult<(usize, u64, u64)> {
         let texts = list_of_str(texts)?;
         let counter = &mut self.counter;
-        py.detach(|| count_within_budget(counter, &texts, doc_cap, max_chars))
+        py.detach(|| counter.add_documents_within(&texts, doc_cap, max_chars)).map(read_tuple).map_err(to_py_err)
     }
 
-    /// Count an Arrow string array given as its data buffer and offsets (no per-string copies);
-    /// returns (documents, chars, bytes) used, like `add_texts`.
+    /// Count an Arrow string array given as its data buffer (uint8) and its `len + 1` offsets
+    /// (int32 or int64), read in place without per-string copies. Same budget and result as
+    /// `add_texts`; ValueError if the offsets are corrupt or a row is not UTF-8.
     #[pyo3(signature = (data, offsets, doc_cap=None, max_chars=None))]
     fn add_arrow(
         &mut self,
         py: Python<'_>,
         data: PyBuffer<u8>,
-        offsets: ArrowOffsets,
+        offsets: OffsetsBuffer,
         doc_cap: Option<usize>,
         max_chars: Option<u64>,
-    ) -> PyResult<TextRead> {
-        let array = ArrowStrings::borrow(py, &data, &offsets)?;
+    ) -> PyResult<(usize, u64, u64)> {
+        let data = readonly_slice(py, &data)?;
+        let offsets = borrow_offsets(py, &offsets)?;
         let counter = &mut self.counter;
-        py.detach(|| count_within_budget(counter, &array.strs()?, doc_cap, max_chars))
+        py.detach(|| counter.add_documents_within(&arrow_strs(data, offsets)?, doc_cap, max_chars))
+            .map(read_tuple)
+            .map_err(to_py_err)
     }
+
+    /// Number of distinct chunks counted so far.
     #[getter]
     fn num_unique_chunks(&self) -> usize {
         self.counter.num_unique_chunks()
     }
 
-    /// Learn `num_merges` merges; returns them as (left, right) pairs, merge i having id 256 + i.
-    /// `progress(done, total)` is called now and then; Ctrl-C or an exception raised by it stops
-    /// training right there and is re-raised.
+    /// Bytes of the counted text that no match of the split pattern covered: training never sees
+    /// them (nor does encoding with the same pattern). Always 0 with the default pattern.
+    #[getter]
+    fn uncovered_bytes(&self) -> u64 {
+        self.counter.uncovered_bytes()
+    }
+
+    /// Learn `num_merges` merges (fewer if the pairs run out); returns them as (left, right) pairs,
+    /// merge i having id 256 + i. `progress(done, total)` is called now and then; Ctrl-C or an
+    /// exception raised by it stops training right there and is re-raised.
     #[pyo3(signature = (num_merges, progress=None))]
     fn train(&self, py: Python<'_>, num_merges: usize, progress: Option<Py<PyAny>>) -> PyResult<Vec<(u32, u32)>> {
         let counter = &self.counter;
@@ -205,19 +153,16 @@ impl BpeTrainer {
     }
 }
 
-/// Bytes of every token for the given merges (ids 0..256 + len(merges)).
+/// Bytes of every token id (0..256 + len(merges)) for the given merges: the single bytes, then
+/// the concatenation of each merge's two tokens. ValueError if a merge uses an id not yet defined.
 #[pyfunction]
 fn merges_to_vocab<'py>(py: Python<'py>, merges: Vec<(u32, u32)>) -> PyResult<Vec<Bound<'py, PyBytes>>> {
-    for (i, &(l, r)) in merges.iter().enumerate() {
-        let limit = 256 + i as u32;
-        if l >= limit || r >= limit {
-            return Err(PyValueError::new_err(format!("merge {i} ({l}, {r}) refers to an id not yet defined")));
-        }
-    }
-    Ok(vocab_bytes(&merges).iter().map(|b| PyBytes::new(py, b)).collect())
+    let vocab = vocab_bytes(&merges).map_err(to_py_err)?;
+    Ok(vocab.iter().map(|b| PyBytes::new(py, b)).collect())
 }
 
-/// Encoder over token bytes (rank = position) with special tokens after them.
+/// Byte-level BPE encoder over token bytes (rank = position), with special tokens after them.
+/// Encodes bit-identically to tiktoken on the same ranks and pattern.
 #[pyclass(module = "nanochat_rs._native", name = "Encoder")]
 pub struct PyEncoder {
     inner: Encoder,
@@ -233,6 +178,9 @@ fn i64_bytes<'py>(py: Python<'py>, values: &[i64]) -> Bound<'py, PyBytes> {
 
 #[pymethods]
 impl PyEncoder {
+    /// `vocab[i]` is the bytes of token i (the first 256 must be the single bytes in order),
+    /// `specials` the special tokens' text (ids follow the vocabulary), `pattern` the split
+    /// pattern (the default when None). ValueError on an invalid vocabulary or pattern.
     #[new]
     #[pyo3(signature = (vocab, specials, pattern=None))]
     fn new(vocab: Vec<Vec<u8>>, specials: Vec<String>, pattern: Option<&str>) -> PyResult<Self> {
@@ -240,32 +188,38 @@ impl PyEncoder {
         Ok(PyEncoder { inner: Encoder::new(vocab, specials, splitter).map_err(to_py_err)? })
     }
 
+    /// Number of ordinary (mergeable) tokens.
     #[getter]
     fn num_ranks(&self) -> usize {
         self.inner.num_ranks()
     }
 
+    /// Ordinary tokens plus special tokens.
     #[getter]
     fn vocab_size(&self) -> usize {
         self.inner.vocab_size()
     }
 
+    /// Id of the special token with this text, or None.
     fn special_id(&self, name: &str) -> Option<u32> {
         self.inner.special_id(name)
     }
 
-    /// Byte length of every token id (0 for specials).
+    /// Byte length of every token id (0 for special tokens).
     fn token_lengths(&self) -> Vec<usize> {
-        let mut lengths: Vec<usize> = self.inner.vocab().iter().map(Vec::len).collect();
-        lengths.resize(self.inner.vocab_size(), 0);
-        lengths
+        self.inner.token_lengths()
     }
 
+    /// Token ids of `text`. Special-token text is not parsed, and text that the split pattern does
+    /// not match is dropped (only possible with a custom pattern).
     fn encode(&self, py: Python<'_>, text: &str) -> PyResult<Vec<u32>> {
         let inner = &self.inner;
         py.detach(|| inner.encode(text)).map_err(to_py_err)
     }
 
+    /// Token ids of every str of `texts`, encoded in parallel on `num_threads` threads (all cores
+    /// when None; capped, and at most MAX_NUM_THREADS accepted), each wrapped in the `prepend` and
+    /// `append` ids when given.
     #[pyo3(signature = (texts, prepend=None, append=None, num_threads=None))]
     fn encode_batch(
         &self,
@@ -277,26 +231,32 @@ impl PyEncoder {
     ) -> PyResult<Vec<Vec<u32>>> {
         let texts = list_of_str(texts)?;
         let inner = &self.inner;
-        py.detach(|| in_pool(num_threads, || inner.encode_batch(&texts, prepend, append)))?.map_err(to_py_err)
+        py.detach(|| with_threads(num_threads, || inner.encode_batch(&texts, prepend, append)))
+            .and_then(|r| r)
+            .map_err(to_py_err)
     }
 
-    /// Encode an Arrow string array (data buffer + offsets) into flat little-endian uint32 tokens
-    /// and int64 offsets, returned as bytes for `numpy.frombuffer`.
+    /// Encode an Arrow string array, given as its data buffer and `len + 1` offsets, into flat
+    /// little-endian uint32 tokens and int64 offsets (document i is tokens[offsets[i]:offsets[i+1]]),
+    /// returned as bytes for `numpy.frombuffer`. Threads as in `encode_batch`.
     #[pyo3(signature = (data, offsets, prepend=None, num_threads=None))]
     fn encode_arrow<'py>(
         &self,
         py: Python<'py>,
         data: PyBuffer<u8>,
-        offsets: ArrowOffsets,
+        offsets: OffsetsBuffer,
         prepend: Option<u32>,
         num_threads: Option<usize>,
     ) -> PyResult<(Bound<'py, PyBytes>, Bound<'py, PyBytes>)> {
-        let array = ArrowStrings::borrow(py, &data, &offsets)?;
+        let data = readonly_slice(py, &data)?;
+        let offsets = borrow_offsets(py, &offsets)?;
         let inner = &self.inner;
-        let (tokens, offsets) = py.detach(|| {
-            let texts = array.strs()?;
-            in_pool(num_threads, || inner.encode_flat(&texts, prepend))?.map_err(to_py_err)
-        })?;
+        let (tokens, offsets) = py
+            .detach(|| {
+                let texts = arrow_strs(data, offsets)?;
+                with_threads(num_threads, || inner.encode_flat(&texts, prepend))?
+            })
+            .map_err(to_py_err)?;
         Ok((u32_bytes(py, &tokens), i64_bytes(py, &offsets)))
     }
 
@@ -311,17 +271,20 @@ impl PyEncoder {
     ) -> PyResult<(Bound<'py, PyBytes>, Bound<'py, PyBytes>)> {
         let texts = list_of_str(texts)?;
         let inner = &self.inner;
-        let (tokens, offsets) =
-            py.detach(|| in_pool(num_threads, || inner.encode_flat(&texts, prepend)))?.map_err(to_py_err)?;
+        let (tokens, offsets) = py
+            .detach(|| with_threads(num_threads, || inner.encode_flat(&texts, prepend)))
+            .and_then(|r| r)
+            .map_err(to_py_err)?;
         Ok((u32_bytes(py, &tokens), i64_bytes(py, &offsets)))
     }
 
+    /// The bytes of the given ids concatenated (special tokens as their text). ValueError for an
+    /// id outside the vocabulary.
     fn decode_bytes<'py>(&self, py: Python<'py>, ids: Vec<i64>) -> PyResult<Bound<'py, PyBytes>> {
         let checked = ids
             .into_iter()
             .map(|id| {
-                u32::try_from(id)
-                    .map_err(|_| PyValueError::new_err(format!("token id {id} is not in the vocabulary")))
+                u32::try_from(id).map_err(|_| PyValueError::new_err(format!("token id {id} is not in the vocabulary")))
             })
             .collect::<PyResult<Vec<u32>>>()?;
         let bytes = self.inner.decode_bytes(&checked).map_err(to_py_err)?;
@@ -331,6 +294,7 @@ impl PyEncoder {
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("DEFAULT_PATTERN", DEFAULT_PATTERN)?;
+    m.add("MAX_NUM_THREADS", MAX_NUM_THREADS)?;
     m.add_class::<BpeTrainer>()?;
     m.add_class::<PyEncoder>()?;
     m.add_function(wrap_pyfunction!(merges_to_vocab, m)?)?;

@@ -20,7 +20,7 @@
 //!
 //! * [`buffer`]: the best-fit document store (ordered by length, then arrival).
 //! * [`packer`]: the stream, the row filling, the journal that makes a batch transactional.
-//! * [`state`]: export/import of the full packer state with validation.
+//! * [`state`]: export/import of the full packer state: its schema and its validation, in one place.
 //! * [`codec`]: base64 of token arrays, for text-based (JSON) state files.
 
 #![forbid(unsafe_code)]
@@ -33,9 +33,10 @@ pub mod state;
 use std::fmt;
 
 pub use packer::{Packer, PackerConfig, Stats};
-pub use state::PackerState;
+pub use state::{DocTexts, PackerState, Value, STATE_FORMAT, STATE_VERSION};
 
-/// Everything that can go wrong on user input. The bindings map these to Python `ValueError`s.
+/// Everything that can go wrong on user input. The bindings map these to Python `ValueError`s,
+/// except [`PackError::StateType`] (`TypeError`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PackError {
     /// Constructor arguments that describe no valid packer.
@@ -52,6 +53,10 @@ pub enum PackError {
     StreamFinished,
     /// A state that this packer cannot (or must not) load.
     InvalidState(String),
+    /// A state value of the wrong type (the bindings raise `TypeError` for it, not `ValueError`).
+    StateType(String),
+    /// A push that would make a counter or an arrival number pass `u64::MAX`.
+    CounterOverflow(String),
 }
 
 impl fmt::Display for PackError {
@@ -68,6 +73,8 @@ impl fmt::Display for PackError {
             PackError::BatchShape(msg) => write!(f, "output buffers have the wrong shape: {msg}"),
             PackError::StreamFinished => write!(f, "cannot push documents after finish()"),
             PackError::InvalidState(msg) => write!(f, "invalid packer state: {msg}"),
+            PackError::StateType(msg) => f.write_str(msg),
+            PackError::CounterOverflow(msg) => write!(f, "cannot push: {msg}"),
         }
     }
 }

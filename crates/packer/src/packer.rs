@@ -74,6 +74,35 @@ pub struct Stats {
     pub rows_packed: u64,
 }
 
+impl Stats {
+    /// Every counter with its name, in a fixed order: the names are the keys of the exported
+    /// state and of the Python `stats` dict.
+    pub fn named(&self) -> [(&'static str, u64); 7] {
+        [
+            ("docs_in", self.docs_in),
+            ("tokens_in", self.tokens_in),
+            ("tokens_placed", self.tokens_placed),
+            ("tokens_cropped", self.tokens_cropped),
+            ("docs_placed", self.docs_placed),
+            ("docs_cropped", self.docs_cropped),
+            ("rows_packed", self.rows_packed),
+        ]
+    }
+
+    /// Inverse of [`Stats::named`]: `get(name)` gives each counter; its first error is returned.
+    pub fn from_named<E>(mut get: impl FnMut(&'static str) -> Result<u64, E>) -> Result<Stats, E> {
+        Ok(Stats {
+            docs_in: get("docs_in")?,
+            tokens_in: get("tokens_in")?,
+            tokens_placed: get("tokens_placed")?,
+            tokens_cropped: get("tokens_cropped")?,
+            docs_placed: get("docs_placed")?,
+            docs_cropped: get("docs_cropped")?,
+            rows_packed: get("rows_packed")?,
+        })
+    }
+}
+
 /// What a batch changed, so a batch that cannot complete is undone exactly.
 struct Journal {
     stats: Stats,
@@ -164,13 +193,21 @@ impl Packer {
         if let Some(bos) = self.config.bos_token_id {
             check_bos(tokens, &bounds, bos)?;
         }
-        for &(start, end) in &bounds {
-            self.pending.push_back(Doc { seq: self.next_seq, tokens: tokens[start..end].into() });
-            self.next_seq += 1;
+        // A wrapped arrival number would collide with a buffered document's key and replace it.
+        // Every other counter is bounded by these two (placed + cropped never exceed what came in).
+        let overflow = |what: &str| PackError::CounterOverflow(format!("{what} would pass 2^64 - 1"));
+        let docs_in = self.stats.docs_in.checked_add(bounds.len() as u64).ok_or_else(|| overflow("docs_in"))?;
+        let tokens_in =
+            self.stats.tokens_in.checked_add(tokens.len() as u64).ok_or_else(|| overflow("tokens_in"))?;
+        let pending_tokens =
+            self.pending_tokens.checked_add(tokens.len()).ok_or_else(|| overflow("pending tokens"))?;
+        for (seq, &(start, end)) in (self.next_seq..).zip(&bounds) {
+            self.pending.push_back(Doc { seq, tokens: tokens[start..end].into() });
         }
-        self.pending_tokens += tokens.len();
-        self.stats.docs_in += bounds.len() as u64;
-        self.stats.tokens_in += tokens.len() as u64;
+        self.next_seq = docs_in;
+        self.pending_tokens = pending_tokens;
+        self.stats.docs_in = docs_in;
+        self.stats.tokens_in = tokens_in;
         Ok(())
     }
 
@@ -187,6 +224,12 @@ impl Packer {
     /// empty). The output buffers then hold partial garbage. Push more documents and call again.
     pub fn pack_into(&mut self, inputs: &mut [i64], targets: &mut [i64]) -> Result<bool, PackError> {
         let rows = self.check_batch(inputs.len(), targets.len())?;
+        // The other counters a batch moves are bounded by tokens_in and docs_in, which push checks.
+        let rows_packed = self
+            .stats
+            .rows_packed
+            .checked_add(rows as u64)
+            .ok_or_else(|| PackError::CounterOverflow("rows_packed would pass 2^64 - 1".into()))?;
         let (text_len, seq_len) = (self.config.text_len(), self.config.seq_len);
         let mut journal = Journal { stats: self.stats, moved_in: Vec::new(), taken: Vec::new() };
         for (in_row, tgt_row) in inputs.chunks_exact_mut(text_len).zip(targets.chunks_exact_mut(seq_len)) {
@@ -195,7 +238,7 @@ impl Packer {
                 return Ok(false);
             }
         }
-        self.stats.rows_packed += rows as u64;
+        self.stats.rows_packed = rows_packed;
         Ok(true)
     }
 
@@ -491,6 +534,31 @@ mod tests {
         assert!(pack(&mut p, 1).is_none());
         assert_eq!(format!("{p:?}"), before);
         assert_eq!(p.docs_buffered() + p.docs_pending(), 1);
+    }
+
+    #[test]
+    fn counters_never_wrap() {
+        let (t, o) = flat(&[3, 2]);
+        let near_max = |stats: Stats| {
+            let config = PackerConfig::new(4, 1, 0, Some(BOS)).unwrap();
+            Packer::from_parts(config, stats, false, Vec::new(), Vec::new())
+        };
+        let full = u64::MAX - 1;
+        let cases = [
+            Stats { docs_in: full, docs_placed: full, ..Stats::default() },
+            Stats { tokens_in: u64::MAX - 4, tokens_placed: u64::MAX - 4, ..Stats::default() },
+        ];
+        for stats in cases {
+            let mut p = near_max(stats);
+            let before = format!("{p:?}");
+            assert!(matches!(p.push(&t, &o), Err(PackError::CounterOverflow(_))));
+            assert_eq!(format!("{p:?}"), before, "a failed push changes nothing");
+        }
+        let mut p = near_max(Stats { rows_packed: u64::MAX, ..Stats::default() });
+        p.push(&t, &o).unwrap();
+        let (mut inputs, mut targets) = (vec![0; 4], vec![0; 4]);
+        assert!(matches!(p.pack_into(&mut inputs, &mut targets), Err(PackError::CounterOverflow(_))));
+        assert_eq!(p.docs_pending(), 2, "nothing was packed");
     }
 
     #[test]

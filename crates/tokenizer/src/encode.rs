@@ -71,6 +71,13 @@ impl Encoder {
         &self.specials
     }
 
+    /// Byte length of every token id, special tokens (which stand for no text bytes) as 0.
+    pub fn token_lengths(&self) -> Vec<usize> {
+        let mut lengths: Vec<usize> = self.vocab.iter().map(Vec::len).collect();
+        lengths.resize(self.vocab_size(), 0);
+        lengths
+    }
+
     /// Id of a special token by its text, e.g. `<|bos|>`.
     pub fn special_id(&self, name: &str) -> Option<u32> {
         self.specials.iter().position(|s| s == name).map(|i| (self.vocab.len() + i) as u32)
@@ -272,7 +279,7 @@ mod tests {
         let mut counter = ChunkCounter::new(Splitter::Default);
         counter.add_documents(docs, None).unwrap();
         let merges = counter.train(merges, |_, _| std::ops::ControlFlow::Continue(()));
-        Encoder::new(vocab_bytes(&merges), vec!["<|bos|>".into()], Splitter::Default).unwrap()
+        Encoder::new(vocab_bytes(&merges).unwrap(), vec!["<|bos|>".into()], Splitter::Default).unwrap()
     }
 
     #[test]
@@ -290,12 +297,14 @@ mod tests {
         assert_eq!(enc.decode_bytes(&[257]).unwrap(), b"<|bos|>");
         assert_eq!(enc.decode_bytes(&[258]), Err(TokenizerError::UnknownTokenId(258)));
         assert_eq!(enc.special_id("<|nope|>"), None);
+        let lengths = enc.token_lengths();
+        assert_eq!((lengths.len(), lengths[97], lengths[256], lengths[257]), (258, 1, 2, 0));
     }
 
     #[test]
     fn rejects_vocabularies_without_the_bytes() {
         assert!(Encoder::new(vec![vec![0]; 10], vec![], Splitter::Default).is_err());
-        let mut vocab = vocab_bytes(&[]);
+        let mut vocab = vocab_bytes(&[]).unwrap();
         vocab.push(vec![]);
         assert!(Encoder::new(vocab, vec![], Splitter::Default).is_err());
     }
@@ -314,7 +323,7 @@ mod tests {
 
     #[test]
     fn rejects_repeated_tokens() {
-        let mut vocab = vocab_bytes(&[(97, 98)]);
+        let mut vocab = vocab_bytes(&[(97, 98)]).unwrap();
         vocab.push(b"ab".to_vec());
         let err = Encoder::new(vocab, vec![], Splitter::Default).unwrap_err();
         assert_eq!(err, TokenizerError::InvalidRanks("token 257 repeats the bytes of token 256".into()));

@@ -7,20 +7,25 @@
 //! * [`train`] counts chunks in parallel and learns merges; ties go to the smaller pair, so the
 //!   result is fully determined by the documents, the pattern and the number of merges.
 //! * [`encode`] turns text into token ids, bit-identical to `tiktoken` on the same ranks.
+//! * [`arrow`] reads Arrow string arrays in place; [`threads`] runs parallel work on a bounded
+//!   number of threads.
 
 #![forbid(unsafe_code)]
 
+pub mod arrow;
 pub mod encode;
 pub mod pretokenize;
+pub mod threads;
 pub mod train;
 
 use std::fmt;
 
 pub use encode::Encoder;
 pub use pretokenize::{Splitter, DEFAULT_PATTERN};
-pub use train::{ChunkCounter, Pair};
+pub use train::{ChunkCounter, Pair, TextRead};
 
-/// Everything that can go wrong on user input. The bindings map these to Python exceptions.
+/// Everything that can go wrong. The bindings map these to Python exceptions (`ValueError`, except
+/// [`TokenizerError::ThreadPool`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TokenizerError {
     /// The split pattern does not compile.
@@ -31,6 +36,14 @@ pub enum TokenizerError {
     UnknownTokenId(u32),
     /// Mergeable ranks that do not describe a byte-level vocabulary.
     InvalidRanks(String),
+    /// Merges that refer to token ids not defined before them.
+    InvalidMerges(String),
+    /// Arrow buffers whose offsets or text are not a valid string array.
+    InvalidArrow(String),
+    /// A thread count out of range.
+    InvalidThreads(String),
+    /// The operating system would not start the threads (not the caller's input).
+    ThreadPool(String),
 }
 
 impl fmt::Display for TokenizerError {
@@ -40,6 +53,10 @@ impl fmt::Display for TokenizerError {
             TokenizerError::Regex(msg) => write!(f, "split pattern failed while matching: {msg}"),
             TokenizerError::UnknownTokenId(id) => write!(f, "token id {id} is not in the vocabulary"),
             TokenizerError::InvalidRanks(msg) => write!(f, "invalid mergeable ranks: {msg}"),
+            TokenizerError::InvalidMerges(msg)
+            | TokenizerError::InvalidArrow(msg)
+            | TokenizerError::InvalidThreads(msg)
+            | TokenizerError::ThreadPool(msg) => f.write_str(msg),
         }
     }
 }

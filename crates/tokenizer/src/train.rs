@@ -49,20 +49,56 @@ pub fn truncate_chars(text: &str, max_chars: usize) -> &str {
     }
 }
 
+/// What a batch of documents contributed to training: documents taken, and the chars and UTF-8
+/// bytes of their text after the `doc_cap` crop (bytes are the fair unit for throughput).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TextRead {
+    pub documents: usize,
+    pub chars: u64,
+    pub bytes: u64,
+}
+
+/// How much of `texts` a budget of `max_chars` takes, counting each text after the `doc_cap` crop:
+/// texts are taken from the start until the budget is spent, and the one that crosses it is taken.
+pub fn take_within_budget<S: AsRef<str>>(texts: &[S], doc_cap: Option<usize>, max_chars: Option<u64>) -> TextRead {
+    let mut read = TextRead::default();
+    for t in texts {
+        if max_chars.is_some_and(|m| read.chars >= m) {
+            break;
+        }
+        let text = match doc_cap {
+            Some(cap) => truncate_chars(t.as_ref(), cap),
+            None => t.as_ref(),
+        };
+        read.documents += 1;
+        read.chars += text.chars().count() as u64;
+        read.bytes += text.len() as u64;
+    }
+    read
+}
+
 /// Counts the chunks of a stream of documents; call [`ChunkCounter::train`] once everything is in.
 pub struct ChunkCounter {
     splitter: Splitter,
     counts: FxHashMap<Box<str>, u64>,
+    uncovered_bytes: u64,
 }
 
 impl ChunkCounter {
     pub fn new(splitter: Splitter) -> Self {
-        ChunkCounter { splitter, counts: FxHashMap::default() }
+        ChunkCounter { splitter, counts: FxHashMap::default(), uncovered_bytes: 0 }
     }
 
     /// Number of distinct chunks seen so far.
     pub fn num_unique_chunks(&self) -> usize {
         self.counts.len()
+    }
+
+    /// Bytes of the documents (after the crop) that no match of the split pattern covered. Training
+    /// never sees them, and neither does encoding with the same pattern (as in tiktoken): a custom
+    /// pattern that does not match everything silently drops text. Always 0 for the default pattern.
+    pub fn uncovered_bytes(&self) -> u64 {
+        self.uncovered_bytes
     }
 
     /// The chunk counts (chunk text, count), in no particular order.
@@ -80,21 +116,29 @@ impl ChunkCounter {
         // A few pieces per thread balances uneven documents without much merge overhead.
         let pieces = (rayon::current_num_threads() * 4).max(1);
         let piece_len = docs.len().div_ceil(pieces).max(1);
-        let locals: Vec<FxHashMap<&str, u64>> = docs
+        let locals: Vec<(FxHashMap<&str, u64>, u64)> = docs
             .par_chunks(piece_len)
             .map(|piece| {
                 let mut local: FxHashMap<&str, u64> = FxHashMap::default();
+                let mut uncovered = 0u64;
                 for doc in piece {
                     let mut text = doc.as_ref();
                     if let Some(cap) = doc_cap {
                         text = truncate_chars(text, cap);
                     }
-                    splitter.split(text, |chunk| *local.entry(chunk).or_insert(0) += 1)?;
+                    let mut covered = 0;
+                    splitter.split(text, |chunk| {
+                        covered += chunk.len();
+                        *local.entry(chunk).or_insert(0) += 1;
+                    })?;
+                    // Matches never overlap, so they cover at most the whole text.
+                    uncovered += text.len().saturating_sub(covered) as u64;
                 }
-                Ok(local)
+                Ok((local, uncovered))
             })
             .collect::<Result<_, TokenizerError>>()?;
-        for local in locals {
+        for (local, uncovered) in locals {
+            self.uncovered_bytes += uncovered;
             for (chunk, n) in local {
                 match self.counts.get_mut(chunk) {
                     Some(total) => *total += n,
@@ -105,6 +149,19 @@ impl ChunkCounter {
             }
         }
         Ok(())
+    }
+
+    /// Count documents from the start of `docs` until `max_chars` chars are taken (see
+    /// [`take_within_budget`]); returns what was taken.
+    pub fn add_documents_within<S: AsRef<str> + Sync>(
+        &mut self,
+        docs: &[S],
+        doc_cap: Option<usize>,
+        max_chars: Option<u64>,
+    ) -> Result<TextRead, TokenizerError> {
+        let read = take_within_budget(docs, doc_cap, max_chars);
+        self.add_documents(&docs[..read.documents], doc_cap)?;
+        Ok(read)
     }
 
     /// Learn up to `num_merges` merges. Merge `i` creates token id `256 + i`. Stops early when no
@@ -170,7 +227,18 @@ impl Words {
 
             created.clear();
             for w in index.remove(&key).unwrap_or_default() {
-                self.merge_in_word(w, left, right, new_id, &mut counts, &mut index, &mut created);
+                let (start, len) = (self.start[w as usize], self.len[w as usize] as usize);
+                let weight = self.weight[w as usize];
+                let word = &mut self.symbols[start..start + len];
+                let new_len = merge_pair_in_word(word, (left, right), new_id, |(a, b), delta| {
+                    let k = pair_key(a, b);
+                    *counts.entry(k).or_insert(0) += delta * weight;
+                    if delta > 0 {
+                        add_to_index(&mut index, k, w);
+                        created.push(k);
+                    }
+                });
+                self.len[w as usize] = new_len as u32;
             }
             counts.remove(&key);
             created.sort_unstable();
@@ -188,55 +256,43 @@ impl Words {
         }
         merges
     }
+}
 
-    /// Replace every (left, right) in word `w`, left to right, by `new_id`, and update the counts
-    /// of the pairs around each occurrence (weighted by the word's count).
-    #[allow(clippy::too_many_arguments)]
-    fn merge_in_word(
-        &mut self,
-        w: u32,
-        left: u32,
-        right: u32,
-        new_id: u32,
-        counts: &mut FxHashMap<u64, i64>,
-        index: &mut FxHashMap<u64, Vec<u32>>,
-        created: &mut Vec<u64>,
-    ) {
-        let start = self.start[w as usize];
-        let len = self.len[w as usize] as usize;
-        let weight = self.weight[w as usize];
-        let sym = &mut self.symbols[start..start + len];
-        let mut change = |key: u64, delta: i64| *counts.entry(key).or_insert(0) += delta;
-        let (mut read, mut write) = (0, 0);
-        while read < len {
-            if read + 1 < len && sym[read] == left && sym[read + 1] == right {
-                change(pair_key(left, right), -weight);
-                if write > 0 {
-                    let before = sym[write - 1];
-                    change(pair_key(before, left), -weight);
-                    let k = pair_key(before, new_id);
-                    change(k, weight);
-                    add_to_index(index, k, w);
-                    created.push(k);
-                }
-                if read + 2 < len {
-                    let after = sym[read + 2];
-                    change(pair_key(right, after), -weight);
-                    let k = pair_key(new_id, after);
-                    change(k, weight);
-                    add_to_index(index, k, w);
-                    created.push(k);
-                }
-                sym[write] = new_id;
-                read += 2;
-            } else {
-                sym[write] = sym[read];
-                read += 1;
+/// Merge `pair` everywhere in `word`: every occurrence, left to right (so `aaa` merging `(a, a)`
+/// becomes `[new_id, a]`), is replaced by `new_id`. The merged word is `word[..returned length]`.
+///
+/// `change(p, delta)` reports how the word's count of the adjacent pair `p` changes at each
+/// occurrence: -1 for each pair that disappears (the merged pair and the pairs it formed with its
+/// neighbours), +1 for each pair created with `new_id`. Summed, these are exactly the difference
+/// between the pair counts of the word after and before, which is what lets the trainer update
+/// global counts from the touched words alone.
+pub fn merge_pair_in_word(word: &mut [u32], pair: Pair, new_id: u32, mut change: impl FnMut(Pair, i64)) -> usize {
+    let (left, right) = pair;
+    let len = word.len();
+    let (mut read, mut write) = (0, 0);
+    while read < len {
+        if read + 1 < len && word[read] == left && word[read + 1] == right {
+            change(pair, -1);
+            if write > 0 {
+                // The symbol before is the one already written: possibly `new_id` itself.
+                let before = word[write - 1];
+                change((before, left), -1);
+                change((before, new_id), 1);
             }
-            write += 1;
+            if read + 2 < len {
+                let after = word[read + 2];
+                change((right, after), -1);
+                change((new_id, after), 1);
+            }
+            word[write] = new_id;
+            read += 2;
+        } else {
+            word[write] = word[read];
+            read += 1;
         }
-        self.len[w as usize] = write as u32;
+        write += 1;
     }
+    write
 }
 
 /// Record that word `w` contains pair `key`; words are visited one at a time, so checking the last
@@ -249,15 +305,20 @@ fn add_to_index(index: &mut FxHashMap<u64, Vec<u32>>, key: u64, w: u32) {
     }
 }
 
-/// Bytes of every token id: 0–255 are the raw bytes, then one entry per merge.
-pub fn vocab_bytes(merges: &[Pair]) -> Vec<Vec<u8>> {
+/// Bytes of every token id: 0–255 are the raw bytes, then one entry per merge. Merge `i` (id
+/// `256 + i`) may only join ids defined before it.
+pub fn vocab_bytes(merges: &[Pair]) -> Result<Vec<Vec<u8>>, TokenizerError> {
     let mut vocab: Vec<Vec<u8>> = (0..=255u8).map(|b| vec![b]).collect();
-    for &(left, right) in merges {
-        let mut bytes = vocab[left as usize].clone();
-        bytes.extend_from_slice(&vocab[right as usize]);
+    for (i, &(left, right)) in merges.iter().enumerate() {
+        let (Some(l), Some(r)) = (vocab.get(left as usize), vocab.get(right as usize)) else {
+            return Err(TokenizerError::InvalidMerges(format!(
+                "merge {i} ({left}, {right}) refers to an id not yet defined"
+            )));
+        };
+        let bytes = [l.as_slice(), r.as_slice()].concat();
         vocab.push(bytes);
     }
-    vocab
+    Ok(vocab)
 }
 
 #[cfg(test)]
@@ -348,9 +409,78 @@ mod tests {
 
     #[test]
     fn vocab_bytes_concatenates() {
-        let vocab = vocab_bytes(&[(97, 98), (256, 99)]);
+        let vocab = vocab_bytes(&[(97, 98), (256, 99)]).unwrap();
         assert_eq!(vocab[256], b"ab");
         assert_eq!(vocab[257], b"abc");
+        assert_eq!(
+            vocab_bytes(&[(97, 98), (258, 99)]),
+            Err(TokenizerError::InvalidMerges("merge 1 (258, 99) refers to an id not yet defined".into()))
+        );
+        assert!(vocab_bytes(&[(256, 97)]).is_err(), "a merge may not use its own id");
+    }
+
+    /// `word` after merging `pair` into 999, and the net pair-count changes reported.
+    fn merged(word: &[u32], pair: Pair) -> (Vec<u32>, Vec<(Pair, i64)>) {
+        let mut word = word.to_vec();
+        let mut changes: HashMap<Pair, i64> = HashMap::new();
+        let len = merge_pair_in_word(&mut word, pair, 999, |p, d| *changes.entry(p).or_default() += d);
+        word.truncate(len);
+        let mut changes: Vec<_> = changes.into_iter().filter(|&(_, d)| d != 0).collect();
+        changes.sort();
+        (word, changes)
+    }
+
+    #[test]
+    fn merge_pair_in_word_replaces_occurrences_left_to_right() {
+        assert_eq!(merged(&[1, 2, 3], (1, 2)), (vec![999, 3], vec![((1, 2), -1), ((2, 3), -1), ((999, 3), 1)]));
+        assert_eq!(merged(&[3, 1, 2], (1, 2)), (vec![3, 999], vec![((1, 2), -1), ((3, 1), -1), ((3, 999), 1)]));
+        assert_eq!(merged(&[1, 2], (1, 2)), (vec![999], vec![((1, 2), -1)]));
+        assert_eq!(merged(&[1, 3, 2], (1, 2)), (vec![1, 3, 2], vec![]));
+        assert_eq!(merged(&[], (1, 2)), (vec![], vec![]));
+        // Overlapping occurrences: the leftmost wins, like rustbpe's merge_pair.
+        assert_eq!(merged(&[7, 7, 7], (7, 7)), (vec![999, 7], vec![((7, 7), -2), ((999, 7), 1)]));
+        assert_eq!(merged(&[7, 7, 7, 7], (7, 7)), (vec![999, 999], vec![((7, 7), -3), ((999, 999), 1)]));
+        // Adjacent occurrences of a pair of distinct ids.
+        assert_eq!(
+            merged(&[1, 2, 1, 2], (1, 2)),
+            (vec![999, 999], vec![((1, 2), -2), ((2, 1), -1), ((999, 999), 1)])
+        );
+    }
+
+    /// Every adjacent pair of `word` with its count.
+    fn pair_counts(word: &[u32]) -> HashMap<Pair, i64> {
+        let mut counts = HashMap::new();
+        for p in word.windows(2) {
+            *counts.entry((p[0], p[1])).or_default() += 1;
+        }
+        counts
+    }
+
+    #[test]
+    fn budget_takes_documents_until_the_chars_are_spent() {
+        let docs = ["héllo", "abc", "z", "never"];
+        assert_eq!(take_within_budget(&docs, None, None), TextRead { documents: 4, chars: 14, bytes: 15 });
+        // The document that crosses the budget is taken whole (after its crop).
+        assert_eq!(take_within_budget(&docs, None, Some(6)), TextRead { documents: 2, chars: 8, bytes: 9 });
+        assert_eq!(take_within_budget(&docs, Some(2), Some(5)), TextRead { documents: 3, chars: 5, bytes: 6 });
+        assert_eq!(take_within_budget(&docs, None, Some(0)), TextRead::default());
+        let mut counter = ChunkCounter::new(Splitter::Default);
+        assert_eq!(counter.add_documents_within(&docs, Some(3), Some(4)).unwrap().documents, 2);
+        let mut counts: Vec<_> = counter.counts().collect();
+        counts.sort();
+        assert_eq!(counts, vec![("abc", 1), ("hél", 1)]);
+    }
+
+    #[test]
+    fn uncovered_bytes_count_what_the_pattern_skips() {
+        let mut counter = ChunkCounter::new(Splitter::new(r"\p{L}+").unwrap());
+        counter.add_documents(&["abc 123 déf", "", "45"], None).unwrap();
+        assert_eq!(counter.uncovered_bytes(), 5 + 2);
+        counter.add_documents(&["xyz 9"], Some(3)).unwrap(); // the crop leaves "xyz": all covered
+        assert_eq!(counter.uncovered_bytes(), 7);
+        let mut default = ChunkCounter::new(Splitter::Default);
+        default.add_documents(&["abc 123 déf\n\n  ", "!?"], None).unwrap();
+        assert_eq!(default.uncovered_bytes(), 0);
     }
 
     proptest! {
@@ -366,6 +496,24 @@ mod tests {
                 chunks.insert(c.bytes().map(u32::from).collect::<Vec<_>>(), n as i64);
             }
             prop_assert_eq!(counter.train(num_merges, |_, _| ControlFlow::Continue(())), reference_train(&chunks, num_merges));
+        }
+
+        #[test]
+        fn merge_pair_in_word_reports_exactly_the_change_in_pair_counts(
+            word in prop::collection::vec(0u32..4, 0..24),
+            left in 0u32..4,
+            right in 0u32..4,
+        ) {
+            let before = pair_counts(&word);
+            let (after_word, changes) = merged(&word, (left, right));
+            let mut expected = pair_counts(&after_word);
+            for (p, c) in before {
+                *expected.entry(p).or_default() -= c;
+            }
+            let mut expected: Vec<_> = expected.into_iter().filter(|&(_, d)| d != 0).collect();
+            expected.sort();
+            prop_assert_eq!(changes, expected);
+            prop_assert!(!after_word.windows(2).any(|p| (p[0], p[1]) == (left, right)));
         }
 
         #[test]
