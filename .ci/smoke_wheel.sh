@@ -73,7 +73,7 @@ shard = sorted(embedded_corpus_dir().glob("shard_*.parquet"))[0]
 texts = pq.read_table(shard, columns=["text"]).column("text").slice(0, 64)
 tokens, offsets = tok.encode_arrow(texts, prepend="<|bos|>")
 B, T = 4, 128
-packer = BestFitPacker(seq_len=T, buffer_size=16, bos_token_id=tok.bos_token_id)
+packer = BestFitPacker(sequence_len=T, buffer_size=16, bos_token_id=tok.bos_token_id)
 packer.push(tokens, offsets)
 packer.finish()
 inputs, targets = np.empty((B, T), np.int64), np.empty((B, T), np.int64)
@@ -85,7 +85,7 @@ EOF
 echo "== smoke: nanochat-train (one step of a depth-1 model) =="
 # --no-compile: torch.compile of even this model costs ~3 min on 2 cores, and this smoke is about packaging.
 nanochat-train --preset cpu --depth 1 --num-iterations 1 --device-batch-size 1 --total-batch-size 256 \
-    --seq-len 256 --eval-every 0 --eval-tokens 256 --sample-every 0 --no-compile
+    --sequence-len 256 --eval-every 0 --eval-tokens 256 --sample-every 0 --no-compile
 if [[ -z "$(find "$NANOCHAT_BASE_DIR/base_checkpoints" -name model.pt)" ]]; then
     echo "error: nanochat-train wrote no checkpoint" >&2
     exit 1

@@ -1,7 +1,7 @@
 """Inference speed: KV-cached Engine vs naive full-recompute generation.
 
     python scripts/bench_inference.py                          # small random-init model, autodetected device
-    python scripts/bench_inference.py --depth 12 --seq-len 2048 --prompt-len 512 --max-tokens 256
+    python scripts/bench_inference.py --depth 12 --sequence-len 2048 --prompt-len 512 --max-tokens 256
     python scripts/bench_inference.py --checkpoint DIR         # a trained model instead
 
 Reports, per batch size: prefill tokens/s (one batch-1 forward over the prompt into a KV cache), time
@@ -47,7 +47,7 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", type=Path, default=None, help="benchmark this model (default: random init)")
     parser.add_argument("--depth", type=int, default=4, help="random-init model depth (model_dim = 64 * depth)")
-    parser.add_argument("--seq-len", type=int, default=512, help="random-init model sequence_len")
+    parser.add_argument("--sequence-len", type=int, default=512, help="random-init model's context length")
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--max-tokens", type=int, default=64, help="tokens generated per sample")
     parser.add_argument("--batch-sizes", default="1,8,32", help="comma-separated num_samples to measure")
@@ -77,7 +77,7 @@ def load_or_build(args: argparse.Namespace, device: torch.device) -> tuple[GPT, 
     from nanochat_rs.tok_train import load_or_train_tokenizer
 
     tokenizer = load_or_train_tokenizer()
-    config = config_for_depth(args.depth, vocab_size=tokenizer.vocab_size, sequence_len=args.seq_len)
+    config = config_for_depth(args.depth, vocab_size=tokenizer.vocab_size, sequence_len=args.sequence_len)
     return build_model(config, device).eval(), tokenizer
 
 
@@ -146,7 +146,7 @@ def main() -> None:
     prompt = random_prompt(config.vocab_size, tokenizer.bos_token_id, args.prompt_len)
     engine = Engine(model, tokenizer)
     print(f"device {device}, model: n_layer={config.n_layer} n_embd={config.n_embd} n_head={config.n_head} "
-          f"seq_len={config.sequence_len} vocab={config.vocab_size}; prompt {len(prompt)} tokens, "
+          f"sequence_len={config.sequence_len} vocab={config.vocab_size}; prompt {len(prompt)} tokens, "
           f"{args.max_tokens} generated per sample, best of {args.repeats}")
 
     def engine_run(batch: int, seed: int) -> Timing:

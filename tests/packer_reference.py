@@ -32,7 +32,7 @@ class Placement:
 
 @dataclass
 class ReferencePacker:
-    seq_len: int
+    sequence_len: int
     buffer_size: int = 1000
     audio_prefix_len: int = 0
     pending: list[list[int]] = field(default_factory=list)
@@ -42,7 +42,7 @@ class ReferencePacker:
 
     @property
     def capacity(self) -> int:
-        return self.seq_len - self.audio_prefix_len + 1
+        return self.sequence_len - self.audio_prefix_len + 1
 
     def push(self, docs: list[list[int]]) -> None:
         self.pending.extend(list(d) for d in docs)

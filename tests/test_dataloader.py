@@ -188,15 +188,14 @@ def test_single_shard_cannot_be_split(tokenizer, tmp_path) -> None:
 
 
 @pytest.mark.parametrize("kwargs, exc", [
-    (dict(B=0), ValueError), (dict(T=-1), ValueError), (dict(B=2.5), TypeError),
-    (dict(split="test"), ValueError), (dict(T=8, audio_prefix_len=8), ValueError),
+    (dict(batch_size=0), ValueError), (dict(sequence_len=-1), ValueError), (dict(batch_size=2.5), TypeError),
+    (dict(split="test"), ValueError), (dict(sequence_len=8, audio_prefix_len=8), ValueError),
     (dict(buffer_size=0), ValueError), (dict(tokenizer_batch_rows=0), ValueError),
 ])
 def test_bad_arguments(tokenizer, shards, kwargs, exc) -> None:
-    args = {"B": 2, "T": 16, "split": "train", **kwargs}
+    args = {"batch_size": 2, "sequence_len": 16, "split": "train", **kwargs}
     with pytest.raises(exc):
-        tokenizing_data_loader(tokenizer, args.pop("B"), args.pop("T"), args.pop("split"), data_dir=shards[0],
-                               **args)
+        tokenizing_data_loader(tokenizer, data_dir=shards[0], **args)
 
 
 def test_ddp_ranks_read_strided_row_groups(tokenizer, shards, monkeypatch) -> None:

@@ -52,7 +52,7 @@ class Scenario:
     cuts: list[int]  # push boundaries (indices into lengths)
 
     @property
-    def seq_len(self) -> int:
+    def sequence_len(self) -> int:
         return self.text_len + self.audio
 
     @property
@@ -64,11 +64,11 @@ class Scenario:
         return [docs[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
 
     def packer(self, bos: int | None = None) -> BestFitPacker:
-        return BestFitPacker(self.seq_len, buffer_size=self.buffer_size, audio_prefix_len=self.audio,
+        return BestFitPacker(self.sequence_len, buffer_size=self.buffer_size, audio_prefix_len=self.audio,
                              bos_token_id=bos)
 
     def reference(self) -> ReferencePacker:
-        return ReferencePacker(self.seq_len, buffer_size=self.buffer_size, audio_prefix_len=self.audio)
+        return ReferencePacker(self.sequence_len, buffer_size=self.buffer_size, audio_prefix_len=self.audio)
 
 
 @st.composite
@@ -84,7 +84,7 @@ def scenarios(draw: st.DrawFn) -> Scenario:
 
 
 def new_batch(s: Scenario) -> tuple[np.ndarray, np.ndarray]:
-    return (np.full((s.batch, s.text_len), SENTINEL, np.int64), np.full((s.batch, s.seq_len), SENTINEL, np.int64))
+    return (np.full((s.batch, s.text_len), SENTINEL, np.int64), np.full((s.batch, s.sequence_len), SENTINEL, np.int64))
 
 
 def drive(s: Scenario, docs: list[list[int]], packer: BestFitPacker, after_batch=None) -> list[tuple]:
@@ -215,7 +215,7 @@ def test_every_placement_follows_the_rules(s: Scenario) -> None:
 def _restored(packer: BestFitPacker) -> BestFitPacker:
     """A brand-new packer loaded from a JSON round trip of `packer`'s state."""
     state = json.loads(json.dumps(packer.state_dict()))
-    fresh = BestFitPacker(packer.seq_len, buffer_size=packer.buffer_size,
+    fresh = BestFitPacker(packer.sequence_len, buffer_size=packer.buffer_size,
                           audio_prefix_len=packer.audio_prefix_len, bos_token_id=packer.bos_token_id)
     fresh.load_state_dict(state)
     assert fresh.state_dict() == packer.state_dict() and fresh.stats == packer.stats
@@ -329,20 +329,20 @@ def test_empty_push_and_stats_keys() -> None:
     packer.push(np.zeros(0, np.uint32), np.zeros(1, np.int64))
     assert set(packer.stats) >= {"docs_in", "tokens_in", "tokens_placed", "tokens_cropped"}
     assert packer.stats["docs_in"] == 0
-    assert "BestFitPacker(seq_len=4" in repr(packer)
+    assert "BestFitPacker(sequence_len=4" in repr(packer)
 
 
 # ---- errors ------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("kwargs, exc, match", [
-    (dict(seq_len=4, audio_prefix_len=4), ValueError, "greater than audio_prefix_len"),
-    (dict(seq_len=0), ValueError, "seq_len must be >= 1"),
-    (dict(seq_len=8, buffer_size=0), ValueError, "buffer_size must be >= 1"),
-    (dict(seq_len=8, audio_prefix_len=-1), ValueError, "audio_prefix_len"),
-    (dict(seq_len=8.0), TypeError, "seq_len must be an int"),
-    (dict(seq_len=True), TypeError, "seq_len must be an int"),
-    (dict(seq_len=8, bos_token_id=2**32), ValueError, "uint32"),
+    (dict(sequence_len=4, audio_prefix_len=4), ValueError, "greater than audio_prefix_len"),
+    (dict(sequence_len=0), ValueError, "sequence_len must be >= 1"),
+    (dict(sequence_len=8, buffer_size=0), ValueError, "buffer_size must be >= 1"),
+    (dict(sequence_len=8, audio_prefix_len=-1), ValueError, "audio_prefix_len"),
+    (dict(sequence_len=8.0), TypeError, "sequence_len must be an int"),
+    (dict(sequence_len=True), TypeError, "sequence_len must be an int"),
+    (dict(sequence_len=8, bos_token_id=2**32), ValueError, "uint32"),
 ])
 def test_bad_config(kwargs, exc, match) -> None:
     with pytest.raises(exc, match=match):

@@ -116,7 +116,7 @@ def test_explicit_overrides_win() -> None:
 
 def test_cpu_preset_is_tiny_and_unscaled() -> None:
     config = resolve_config(TrainConfig(), "cpu")
-    assert config.preset == "cpu" and config.seq_len <= 512
+    assert config.preset == "cpu" and config.sequence_len <= 512
     plan = plan_training(config, vocab_size=4096)
     assert plan.model_config.n_embd <= 256
     assert plan.lr_scale == 1.0 and plan.weight_decay == BASE_WEIGHT_DECAY
@@ -163,7 +163,8 @@ def test_train_script_help() -> None:
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     for flag in ("--depth", "--device-type", "--fp8", "--no-compile", "--device-batch-size", "--total-batch-size",
-                 "--num-iterations", "--seq-len", "--eval-every", "--eval-tokens", "--sample-every",
+                 "--num-iterations", "--sequence-len", "--max-seq-len", "--eval-every", "--eval-tokens",
+                 "--sample-every",
                  "--save-every", "--resume", "--run-dir", "--preset", "--data-dir", "--seed", "--matrix-lr",
                  "--embedding-lr", "--unembedding-lr", "--scalar-lr", "--weight-decay", "--warmup-steps",
                  "--warmdown-ratio", "--final-lr-frac", "--target-param-data-ratio"):
@@ -248,7 +249,7 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def tiny_config(root: Path, run: str, **overrides: object) -> TrainConfig:
     # eager: compiling costs tens of seconds per run on CPU; compiled == eager is tested in test_optim
-    config = TrainConfig(preset="cpu", device_type="cpu", depth=2, aspect_ratio=32, head_dim=32, seq_len=32,
+    config = TrainConfig(preset="cpu", device_type="cpu", depth=2, aspect_ratio=32, head_dim=32, sequence_len=32,
                          device_batch_size=2, total_batch_size=128, num_iterations=20, eval_every=10,
                          eval_tokens=128, sample_every=10, sample_max_tokens=4, save_every=10, compile=False,
                          run_dir=str(root / run), data_dir=str(root / "data"),
@@ -429,12 +430,12 @@ def test_training_falls_back_to_eager_where_compile_is_unavailable(
     assert "| eager |" in out
 
 
-@pytest.mark.parametrize("overrides", [dict(depth=1000), dict(seq_len=10**9), dict(device_batch_size=10**9)])
+@pytest.mark.parametrize("overrides", [dict(depth=1000), dict(sequence_len=10**9), dict(device_batch_size=10**9)])
 def test_a_model_or_batch_too_big_for_memory_is_refused_before_allocating(
         workspace: Path, monkeypatch: pytest.MonkeyPatch, overrides: dict) -> None:
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(workspace / "base"))
     config = tiny_config(workspace, "run_huge", num_iterations=1, **overrides)
-    config = replace(config, total_batch_size=config.device_batch_size * config.seq_len)  # type: ignore[operator]
+    config = replace(config, total_batch_size=config.device_batch_size * config.sequence_len)  # type: ignore[operator]
     with pytest.raises(ValueError, match=r"needs at least [\d,.]+ [KMGT]?B on cpu, but only [\d,.]+ [KMGT]?B is free"):
         train(config)
     assert not find_steps(workspace / "run_huge")

@@ -265,23 +265,25 @@ def _resume(state: Mapping[str, Any], identity: dict[str, Any], packer: BestFitP
     return Cursor(**values)
 
 
-def tokenizing_data_loader(tokenizer: Any, B: int, T: int, split: str, device: str | torch.device = "cpu", *,
+def tokenizing_data_loader(tokenizer: Any, batch_size: int, sequence_len: int, split: str,
+                           device: str | torch.device = "cpu", *,
                            resume_state: Mapping[str, Any] | None = None, audio_prefix_len: int = 0,
                            buffer_size: int = 1000, data_dir: str | Path | None = None,
                            num_threads: int | None = None, tokenizer_batch_rows: int = 512,
                            prefetch: int = 2) -> Iterator[tuple[torch.Tensor, torch.Tensor, dict[str, Any]]]:
     """Endless (inputs, targets, state) batches for pretraining.
 
-    inputs: int64 (B, T - audio_prefix_len); targets: int64 (B, T) with -1 over the audio prefix.
+    inputs: int64 (B, T - audio_prefix_len); targets: int64 (B, T) with -1 over the audio prefix, where
+    B = batch_size and T = sequence_len.
     Every row is a full best-fit packing of BOS-prefixed documents (see `nanochat_rs.packer`).
     `state` is JSON-serialisable; `resume_state=state` continues with exactly the batches that
-    followed it (the batch size B may differ: rows are a stream). Under torchrun each rank reads
+    followed it (the batch size may differ: rows are a stream). Under torchrun each rank reads
     its own row groups (`common.get_dist_info()`), and its state must be resumed on the same rank.
     Arguments are checked now; reading starts on the first `next()`. Close the iterator (or let
     it be garbage-collected) to stop its background thread.
     """
-    B = check_int("B", B, 1)
-    T = check_int("T", T, 1)
+    B = check_int("batch_size", batch_size, 1)
+    T = check_int("sequence_len", sequence_len, 1)
     tokenizer_batch_rows = check_int("tokenizer_batch_rows", tokenizer_batch_rows, 1)
     prefetch = check_int("prefetch", prefetch, 1)
     device = torch.device(device)

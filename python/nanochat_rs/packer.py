@@ -3,11 +3,11 @@
 Documents (each starting with BOS) are pushed as one flat uint32 token array plus int64 offsets, as
 `Tokenizer.encode_arrow` returns them. They wait in a FIFO *pending* queue and move into a *buffer*
 that is topped up to `buffer_size` documents before every placement. A row holds
-`C = T_text + 1` tokens (`T_text = seq_len - audio_prefix_len`) and is filled left to right: while
+`C = T_text + 1` tokens (`T_text = sequence_len - audio_prefix_len`) and is filled left to right: while
 space remains, place the **longest** buffered document that fits whole (ties: the earliest
 arrived); when none fits, place the first `remaining` tokens of the **shortest** buffered document
 (ties: the earliest arrived) and discard the rest of it. `inputs = row[:-1]`, `targets = row[1:]`;
-every position is a real token. With an audio prefix, `targets` is `seq_len` long and starts with
+every position is a real token. With an audio prefix, `targets` is `sequence_len` long and starts with
 `audio_prefix_len` copies of -1 (the loss's ignore index).
 
 The rows depend only on the document stream, never on how it was chunked into `push` calls:
@@ -86,22 +86,22 @@ class BestFitPacker:
     `bos_token_id`, when given, is checked to start every pushed document.
     """
 
-    def __init__(self, seq_len: int, buffer_size: int = 1000, audio_prefix_len: int = 0,
+    def __init__(self, sequence_len: int, buffer_size: int = 1000, audio_prefix_len: int = 0,
                  bos_token_id: int | None = None) -> None:
-        seq_len = check_int("seq_len", seq_len, 1)
+        sequence_len = check_int("sequence_len", sequence_len, 1)
         buffer_size = check_int("buffer_size", buffer_size, 1)
         audio_prefix_len = check_int("audio_prefix_len", audio_prefix_len, 0)
-        if seq_len <= audio_prefix_len:
-            raise ValueError(f"seq_len ({seq_len}) must be greater than audio_prefix_len ({audio_prefix_len}) "
-                             "so every row holds at least one text token")
+        if sequence_len <= audio_prefix_len:
+            raise ValueError(f"sequence_len ({sequence_len}) must be greater than audio_prefix_len "
+                             f"({audio_prefix_len}) so every row holds at least one text token")
         if bos_token_id is not None:
             bos_token_id = check_int("bos_token_id", bos_token_id, 0)
             if bos_token_id > np.iinfo(np.uint32).max:
                 raise ValueError(f"bos_token_id must fit in uint32, got {bos_token_id}")
-        self._native = _native.Packer(seq_len, buffer_size, audio_prefix_len, bos_token_id)
+        self._native = _native.Packer(sequence_len, buffer_size, audio_prefix_len, bos_token_id)
 
     @property
-    def seq_len(self) -> int:
+    def sequence_len(self) -> int:
         return self._native.seq_len
 
     @property
@@ -118,8 +118,8 @@ class BestFitPacker:
 
     @property
     def text_len(self) -> int:
-        """Columns of `inputs`: `seq_len - audio_prefix_len`."""
-        return self.seq_len - self.audio_prefix_len
+        """Columns of `inputs`: `sequence_len - audio_prefix_len`."""
+        return self.sequence_len - self.audio_prefix_len
 
     @property
     def finished(self) -> bool:
@@ -141,7 +141,7 @@ class BestFitPacker:
         self._native.finish()
 
     def pack_into(self, inputs: Any, targets: Any) -> bool:
-        """Fill int64 `inputs` (B, seq_len - audio_prefix_len) and `targets` (B, seq_len) in place.
+        """Fill int64 `inputs` (B, sequence_len - audio_prefix_len) and `targets` (B, sequence_len) in place.
 
         Both may be numpy arrays or CPU torch tensors (pinned or not), C-contiguous, writable and
         not overlapping. Returns True when all B rows were filled. Returns False, with the packer
@@ -149,7 +149,7 @@ class BestFitPacker:
         documents left cannot complete the batch).
         """
         inputs = _output_array("inputs", inputs, self.text_len)
-        targets = _output_array("targets", targets, self.seq_len)
+        targets = _output_array("targets", targets, self.sequence_len)
         if inputs.shape[0] != targets.shape[0]:
             raise ValueError(f"inputs and targets must have the same number of rows, got {inputs.shape[0]} "
                              f"and {targets.shape[0]}")
@@ -179,6 +179,6 @@ class BestFitPacker:
 
     def __repr__(self) -> str:
         s = self.stats
-        return (f"BestFitPacker(seq_len={self.seq_len}, buffer_size={self.buffer_size}, "
+        return (f"BestFitPacker(sequence_len={self.sequence_len}, buffer_size={self.buffer_size}, "
                 f"audio_prefix_len={self.audio_prefix_len}, bos_token_id={self.bos_token_id}, "
                 f"buffered={s['docs_buffered']}, pending={s['docs_pending']})")

@@ -67,7 +67,7 @@ class TrainConfig:
     aspect_ratio: int | None = None      # model_dim = depth * aspect_ratio, rounded up to head_dim
     head_dim: int | None = None
     window_pattern: str = recipe.WINDOW_PATTERN
-    seq_len: int | None = None
+    sequence_len: int | None = None     # tokens per row: the model's context
     device_batch_size: int | None = None
     total_batch_size: int | None = None  # tokens per optimizer step; None: derived (speedrun)
     num_iterations: int | None = None    # None: derived from target_param_data_ratio
@@ -123,7 +123,7 @@ class TrainPlan:
 
 # ---- configuration -----------------------------------------------------------------------------
 
-_POSITIVE_INTS = ("depth", "aspect_ratio", "head_dim", "seq_len", "device_batch_size", "eval_tokens",
+_POSITIVE_INTS = ("depth", "aspect_ratio", "head_dim", "sequence_len", "device_batch_size", "eval_tokens",
                   "sample_max_tokens")
 
 
@@ -158,8 +158,8 @@ def resolve_config(config: TrainConfig, device_type: str) -> TrainConfig:
 
 
 def model_config(config: TrainConfig, vocab_size: int) -> GPTConfig:
-    assert config.depth and config.aspect_ratio and config.head_dim and config.seq_len  # resolved
-    return config_for_depth(config.depth, vocab_size, config.seq_len, head_dim=config.head_dim,
+    assert config.depth and config.aspect_ratio and config.head_dim and config.sequence_len  # resolved
+    return config_for_depth(config.depth, vocab_size, config.sequence_len, head_dim=config.head_dim,
                             aspect_ratio=config.aspect_ratio, window_pattern=config.window_pattern)
 
 
@@ -177,7 +177,7 @@ def plan_training(config: TrainConfig, vocab_size: int, world_size: int = 1) -> 
     n_params = scaling_params(gpt_config)
     ratio = float(config.target_param_data_ratio or 0)
     target_tokens = int(ratio * n_params)
-    micro_tokens = int(config.device_batch_size or 0) * int(config.seq_len or 0) * world_size
+    micro_tokens = int(config.device_batch_size or 0) * int(config.sequence_len or 0) * world_size
     reference = config_for_depth(recipe.REFERENCE_DEPTH, vocab_size, gpt_config.sequence_len,
                                  head_dim=recipe.HEAD_DIM, aspect_ratio=recipe.ASPECT_RATIO,
                                  window_pattern=config.window_pattern)
@@ -187,7 +187,7 @@ def plan_training(config: TrainConfig, vocab_size: int, world_size: int = 1) -> 
     else:
         total_batch = recipe.optimal_batch_tokens(target_tokens, reference_tokens, micro_tokens)
     if total_batch % micro_tokens:
-        raise ValueError(f"total_batch_size {total_batch} is not a multiple of device_batch_size * seq_len * "
+        raise ValueError(f"total_batch_size {total_batch} is not a multiple of device_batch_size * sequence_len * "
                          f"world_size = {micro_tokens}")
     num_iterations = config.num_iterations or max(1, round(target_tokens / total_batch))
     base_weight_decay = float(config.weight_decay if config.weight_decay is not None else recipe.WEIGHT_DECAY)
@@ -313,7 +313,8 @@ def _resume(run_dir: Path, config: TrainConfig, plan: TrainPlan, model: torch.nn
                          f"{plan.num_iterations} iterations; pass num_iterations >= {meta['step']}")
     if meta["model_config"] != asdict(plan.model_config):
         raise ValueError(f"cannot resume: the checkpoint's model {meta['model_config']} differs from this "
-                         f"run's {asdict(plan.model_config)}; pass the same depth/preset/seq_len as the original run")
+                         f"run's {asdict(plan.model_config)}; pass the same depth/preset/sequence_len as the "
+                         "original run")
     model.load_state_dict(model_state, strict=True)
     assert optim_state is not None
     try:
@@ -335,9 +336,9 @@ def _evaluate(model: torch.nn.Module, tokenizer: Any, config: TrainConfig, token
     from nanochat_rs.dataloader import tokenizing_data_loader
     from nanochat_rs.loss_eval import evaluate_bpb
 
-    assert config.device_batch_size and config.seq_len and config.eval_tokens
-    steps = max(1, config.eval_tokens // (config.device_batch_size * config.seq_len * info.world_size))
-    batches = tokenizing_data_loader(tokenizer, config.device_batch_size, config.seq_len, "val",
+    assert config.device_batch_size and config.sequence_len and config.eval_tokens
+    steps = max(1, config.eval_tokens // (config.device_batch_size * config.sequence_len * info.world_size))
+    batches = tokenizing_data_loader(tokenizer, config.device_batch_size, config.sequence_len, "val",
                                      device=device, data_dir=config.data_dir)
     try:
         return evaluate_bpb(model, batches, steps, token_bytes)
@@ -468,7 +469,7 @@ def _train(config: TrainConfig, info: DistInfo, device: torch.device) -> dict[st
     peak_flops_per_gpu = _device_peak_flops(device)
     _print_plan(config, plan, run_dir, tokenizer.vocab_size, use_compile)
 
-    batches = tokenizing_data_loader(tokenizer, config.device_batch_size, config.seq_len, "train",
+    batches = tokenizing_data_loader(tokenizer, config.device_batch_size, config.sequence_len, "train",
                                      device=device, resume_state=loader_state, data_dir=config.data_dir)
     num_iterations = plan.num_iterations
     schedule = config.schedule
@@ -542,6 +543,6 @@ def _print_plan(config: TrainConfig, plan: TrainPlan, run_dir: Path, vocab_size:
     print0(f"preset {config.preset} | depth {mc.n_layer} | dim {mc.n_embd} | heads {mc.n_head} | "
            f"seq {mc.sequence_len} | vocab {vocab_size} | scaling params {plan.num_scaling_params:,}")
     print0(f"batch {plan.total_batch_size:,} tokens ({plan.grad_accum_steps} micro-steps of "
-           f"{config.device_batch_size}x{config.seq_len}) | iterations {plan.num_iterations} | "
+           f"{config.device_batch_size}x{config.sequence_len}) | iterations {plan.num_iterations} | "
            f"lr scale {plan.lr_scale:.4f} | weight decay {plan.weight_decay:.4f} | "
            f"{'compiled' if compiled else 'eager'} | run dir {run_dir}")

@@ -182,14 +182,14 @@ def scaled_weight_decay(weight_decay: float, total_batch_tokens: int, reference_
 
 PRESETS: dict[str, dict[str, Any]] = {
     # GPU speedrun: depth sets model, batch, LRs and length (total_batch_size/num_iterations None = auto).
-    "speedrun": dict(depth=20, aspect_ratio=ASPECT_RATIO, head_dim=HEAD_DIM, seq_len=SEQUENCE_LEN,
+    "speedrun": dict(depth=20, aspect_ratio=ASPECT_RATIO, head_dim=HEAD_DIM, sequence_len=SEQUENCE_LEN,
                      device_batch_size=32, total_batch_size=None, num_iterations=None,
                      target_param_data_ratio=TARGET_PARAM_DATA_RATIO, eval_every=250, eval_tokens=20 * 2**19,
                      sample_every=2000, save_every=1000, scale_hyperparameters=True),
     # A few minutes on 2 CPU cores with the embedded corpus; still writes a usable checkpoint. The
     # scaling laws are fitted around 2**19-token batches and would shrink LRs ~16x at this batch size,
     # so the base hyperparameters are used unscaled.
-    "cpu": dict(depth=4, aspect_ratio=32, head_dim=64, seq_len=256, device_batch_size=8,
+    "cpu": dict(depth=4, aspect_ratio=32, head_dim=64, sequence_len=256, device_batch_size=8,
                 total_batch_size=2048, num_iterations=300, target_param_data_ratio=TARGET_PARAM_DATA_RATIO,
                 eval_every=100, eval_tokens=8 * 2048, sample_every=150, save_every=150,
                 scale_hyperparameters=False),

@@ -25,7 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--head-dim", type=int, default=None)
     p.add_argument("--window-pattern", default=None, help="sliding windows per layer (L full, S short); "
                    "None: the recipe's SSSL")
-    p.add_argument("--seq-len", type=int, default=None)
+    p.add_argument("--sequence-len", "--max-seq-len", dest="sequence_len", type=int, default=None,
+                   help="tokens per row, the model's context (--max-seq-len is nanochat's name for it)")
     p.add_argument("--device-batch-size", type=int, default=None, help="sequences per micro-step per rank")
     p.add_argument("--total-batch-size", type=int, default=None,
                    help="tokens per optimizer step (None: derived from depth)")
