@@ -475,13 +475,14 @@ def test_train_job_errors_are_one_line(workspace: Path) -> None:
     env = dict(os.environ, PYTHONPATH=str(REPO / "python"), NANOCHAT_BASE_DIR=str(workspace / "base"))
     base = [sys.executable, "-m", "nanochat_rs.train", "--device-type", "cpu", "--no-compile",
             "--tokenizer-dir", str(workspace / "tokenizer"), "--data-dir", str(workspace / "data")]
-    cases = [(["--target-param-data-ratio", "inf"], "target_param_data_ratio must be a finite number"),
-             (["--target-param-data-ratio", "nan"], "target_param_data_ratio must be a finite number"),
-             (["--depth", "1000"], "needs at least"),
-             (["--warmdown-ratio", "3"], "warmdown_ratio must be a finite number in [0.0, 1.0], got 3.0")]
-    for args, message in cases:
+    cases = [(["--target-param-data-ratio", "inf"], 2, "target_param_data_ratio must be a finite number"),
+             (["--target-param-data-ratio", "nan"], 2, "target_param_data_ratio must be a finite number"),
+             (["--warmdown-ratio", "3"], 2, "warmdown_ratio must be a finite number in [0.0, 1.0], got 3.0"),
+             (["--warmup-steps", "-3"], 2, "warmup_steps must be >= 0, got -3"),
+             (["--depth", "1000"], 1, "needs at least")]  # a machine limit, not a usage error
+    for args, code, message in cases:
         out = subprocess.run(base + args, env=env, capture_output=True, text=True, timeout=300)
-        assert out.returncode == 1, (args, out.stderr)
+        assert out.returncode == code, (args, out.stderr)
         assert "Traceback" not in out.stderr and out.stderr.count("\n") == 1, out.stderr
         assert out.stderr.startswith("error: ") and message in out.stderr, out.stderr
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 
-from nanochat_rs.cli import run_job
+from nanochat_rs.cli import UsageError, run_job
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,11 +66,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    # imported after parsing so --help answers at once, without torch
-    from nanochat_rs.pretrain import TrainConfig, train
-
     values = {k: v for k, v in vars(args).items() if not (k == "window_pattern" and v is None)}
-    run_job(lambda: train(TrainConfig(**values)))
+    run_job(lambda: _train(values))
+
+
+def _train(values: dict[str, object]) -> dict[str, object]:
+    # imported here, not at the top, so --help answers at once, without torch
+    from nanochat_rs.common import autodetect_device_type
+    from nanochat_rs.pretrain import TrainConfig, resolve_config, train
+
+    config = TrainConfig(**values)  # type: ignore[arg-type]
+    try:  # an impossible combination of flags is a usage error (exit 2), found before any work
+        resolve_config(config, config.device_type or autodetect_device_type())
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    return train(config)
 
 
 if __name__ == "__main__":
