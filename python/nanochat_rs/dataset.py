@@ -28,9 +28,10 @@ import re
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TypeVar
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -51,12 +52,13 @@ PARQUET_MAGIC = b"PAR1"
 _PARTIAL_SUFFIX = ".partial"
 _LOCK_SUFFIX = ".lock"
 _CHUNK_BYTES = 1 << 20
-_RETRYABLE_HTTP = frozenset({408, 425, 429, 500, 502, 503, 504})
+RETRYABLE_HTTP = frozenset({408, 425, 429, 500, 502, 503, 504})
 _MAX_BACKOFF_S = 60.0
 _FALLBACK_NOTED: set[Path] = set()
+T = TypeVar("T")
 
 
-class _TransientError(Exception):
+class TransientDownloadError(Exception):
     """Internal: a failure worth retrying (the `.partial` file keeps what was received)."""
 
 
@@ -159,18 +161,21 @@ def check_text_column(shard: str | os.PathLike[str], schema: pa.Schema) -> None:
         raise ValueError(f"{shard}: the {TEXT_COLUMN!r} column must hold strings, got type {kind}")
 
 
-def shard_problem(path: str | os.PathLike[str]) -> str | None:
+def shard_problem(path: str | os.PathLike[str], require_text: bool = True) -> str | None:
     """Why `path` is not a usable shard, or None when it is: the footer parses, the schema has a
-    `text` string column and every row group decodes, with page checksums verified where present.
+    `text` string column (unless `require_text` is False) and every row group decodes, with page
+    checksums verified where present.
 
     Decoding reads the whole file (about a second for a 100 MB shard, small next to downloading it):
     damage between intact PAR1 markers shows up nowhere else.
     """
     try:
         with pq.ParquetFile(path, page_checksum_verification=True) as parquet:
-            check_text_column(path, parquet.schema_arrow)
+            if require_text:
+                check_text_column(path, parquet.schema_arrow)
+            columns = [TEXT_COLUMN] if require_text else None
             for group in range(parquet.num_row_groups):  # one at a time: memory stays one row group
-                parquet.read_row_group(group, columns=[TEXT_COLUMN])
+                parquet.read_row_group(group, columns=columns)
     except ValueError as e:
         return str(e)
     except (OSError, pa.ArrowException) as e:
@@ -208,10 +213,11 @@ def _open(url: str, offset: int, timeout: float) -> http.client.HTTPResponse:
     return urllib.request.urlopen(request, timeout=timeout)
 
 
-def _transfer(url: str, partial: Path, timeout: float, deadline_base_s: float, min_bytes_per_s: float) -> None:
+def _transfer(url: str, partial: Path, timeout: float, deadline_base_s: float, min_bytes_per_s: float,
+              hint: str) -> None:
     """Append the rest of `url` to `partial`, resuming from its current size when possible.
 
-    Raises _TransientError for anything worth retrying; a non-retryable HTTP status raises DownloadError.
+    Raises TransientDownloadError for anything worth retrying; a non-retryable HTTP status raises DownloadError.
     The body must arrive by `deadline_base_s + received / min_bytes_per_s` seconds after the request
     started: the socket `timeout` alone never fires for a server that sends a byte now and then.
     """
@@ -225,20 +231,19 @@ def _transfer(url: str, partial: Path, timeout: float, deadline_base_s: float, m
                 return  # a previous run received every byte but died before the rename
             # Our partial is longer than the file (or the file changed): start over.
             partial.unlink(missing_ok=True)
-            raise _TransientError(f"HTTP 416 resuming at byte {offset}; restarting from scratch") from None
-        if e.code in _RETRYABLE_HTTP:
-            raise _TransientError(f"HTTP {e.code} {e.reason}") from None
-        raise DownloadError(f"{url}: HTTP {e.code} {e.reason} (not retryable; is the shard index or "
-                            "NANOCHAT_DATA_URL right?)") from None
+            raise TransientDownloadError(f"HTTP 416 resuming at byte {offset}; restarting from scratch") from None
+        if e.code in RETRYABLE_HTTP:
+            raise TransientDownloadError(f"HTTP {e.code} {e.reason}") from None
+        raise DownloadError(f"{url}: HTTP {e.code} {e.reason} (not retryable). {hint}") from None
     except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
         reason = getattr(e, "reason", e)
-        raise _TransientError(f"{type(reason).__name__}: {reason}") from None
+        raise TransientDownloadError(f"{type(reason).__name__}: {reason}") from None
 
     with response:
         if offset > 0 and response.status == 206:
             if _content_range_start(response.headers.get("Content-Range")) != offset:
                 partial.unlink(missing_ok=True)
-                raise _TransientError(f"server answered Range {offset}- with Content-Range "
+                raise TransientDownloadError(f"server answered Range {offset}- with Content-Range "
                                       f"{response.headers.get('Content-Range')!r}; restarting from scratch")
             mode = "ab"
         else:
@@ -256,25 +261,25 @@ def _transfer(url: str, partial: Path, timeout: float, deadline_base_s: float, m
                     received += len(chunk)
                     elapsed = time.monotonic() - started
                     if elapsed > deadline_base_s + received / min_bytes_per_s:
-                        raise _TransientError(f"too slow: {received} bytes in {elapsed:.0f} s, below "
+                        raise TransientDownloadError(f"too slow: {received} bytes in {elapsed:.0f} s, below "
                                               f"{min_bytes_per_s:.0f} bytes/s (resuming from byte {offset + received})")
                 f.flush()
                 os.fsync(f.fileno())
         except (OSError, http.client.HTTPException) as e:
-            raise _TransientError(f"connection lost after {offset + received} bytes: "
+            raise TransientDownloadError(f"connection lost after {offset + received} bytes: "
                                   f"{type(e).__name__}: {e}") from None
         if expected_len is not None and received < expected_len:
-            raise _TransientError(f"truncated: received {received} of {expected_len} bytes "
+            raise TransientDownloadError(f"truncated: received {received} of {expected_len} bytes "
                                   f"(resuming from byte {offset + received})")
 
 
 # ---- download ---------------------------------------------------------------------------------
 
 
-def _finalize(partial: Path, dest: Path) -> str | None:
+def _finalize(partial: Path, dest: Path, require_text: bool) -> str | None:
     """Move a complete, valid `partial` into place and return None, or delete a bad one (so the retry
     starts fresh) and return what is wrong with it."""
-    problem = "missing PAR1 magic bytes" if not is_valid_parquet(partial) else shard_problem(partial)
+    problem = "missing PAR1 magic bytes" if not is_valid_parquet(partial) else shard_problem(partial, require_text)
     if problem is not None:
         partial.unlink(missing_ok=True)
         return problem
@@ -285,6 +290,56 @@ def _finalize(partial: Path, dest: Path) -> str | None:
     return None
 
 
+def with_retries(what: str, attempt_once: Callable[[], T], *, max_attempts: int, backoff_s: float, hint: str) -> T:
+    """`attempt_once()` until it returns, retrying on TransientDownloadError with exponential backoff
+    (`backoff_s * 2**attempt`, at most 60 s); then a DownloadError saying what failed, the last error
+    and `hint` (what the user can do about it)."""
+    last_error = "no attempt made"
+    for attempt in range(max_attempts):
+        if attempt > 0:
+            time.sleep(min(backoff_s * 2 ** (attempt - 1), _MAX_BACKOFF_S))
+        try:
+            return attempt_once()
+        except TransientDownloadError as e:
+            last_error = str(e)
+    raise DownloadError(f"could not {what} after {max_attempts} attempts; last error: {last_error}. {hint}")
+
+
+def check_download_args(max_attempts: int, backoff_s: float, timeout_s: float, deadline_base_s: float = 1.0,
+                        min_bytes_per_s: float = 1.0) -> None:
+    if max_attempts < 1:
+        raise ValueError(f"max_attempts must be >= 1, got {max_attempts}")
+    if backoff_s < 0 or timeout_s <= 0 or deadline_base_s <= 0 or min_bytes_per_s <= 0:
+        raise ValueError(f"need backoff_s >= 0 and timeout_s, deadline_base_s, min_bytes_per_s > 0, got "
+                         f"{backoff_s}, {timeout_s}, {deadline_base_s}, {min_bytes_per_s}")
+
+
+def download_file(url: str, dest: Path, *, hint: str, require_text: bool = True, max_attempts: int = 5,
+                  backoff_s: float = 1.0, timeout_s: float = 60.0, deadline_base_s: float = 60.0,
+                  min_bytes_per_s: float = 100e3) -> Path:
+    """Download the parquet file at `url` to `dest`: resumable (a `.partial` beside it), retried,
+    verified (`shard_problem`) and renamed into place atomically. The caller holds the lock that keeps
+    other processes off `dest`; `hint` ends the DownloadError of a download that keeps failing.
+
+    `timeout_s` bounds each wait for the server (connecting, each read). An attempt also ends, as a
+    retryable failure that keeps its bytes, once it has run `deadline_base_s + received /
+    min_bytes_per_s` seconds: with the defaults a 100 MB shard gets about 17 minutes, a server that
+    sends a byte now and then about a minute.
+    """
+    check_download_args(max_attempts, backoff_s, timeout_s, deadline_base_s, min_bytes_per_s)
+    partial = dest.with_name(dest.name + _PARTIAL_SUFFIX)
+
+    def attempt() -> Path:
+        _transfer(url, partial, timeout_s, deadline_base_s, min_bytes_per_s, hint)
+        problem = _finalize(partial, dest, require_text)
+        if problem is not None:
+            kind = "parquet shard" if require_text else "parquet file"
+            raise TransientDownloadError(f"the downloaded file is not a readable {kind} ({problem})")
+        return dest
+
+    return with_retries(f"download {url}", attempt, max_attempts=max_attempts, backoff_s=backoff_s, hint=hint)
+
+
 def download_shard(index: int, *, data_dir: str | os.PathLike[str] | None = None,
                    base_url: str | None = None, max_attempts: int = 5, backoff_s: float = 1.0,
                    timeout_s: float = 60.0, deadline_base_s: float = 60.0, min_bytes_per_s: float = 100e3,
@@ -292,18 +347,9 @@ def download_shard(index: int, *, data_dir: str | os.PathLike[str] | None = None
     """Download shard `index` into the data dir (unless it is already there) and return its path.
 
     Concurrent callers (threads, processes, torchrun ranks sharing a filesystem) serialise on a lock
-    file, so the shard is fetched once. Retries wait `backoff_s * 2**attempt` seconds (capped at 60 s).
-
-    `timeout_s` bounds each wait for the server (connecting, each read). An attempt also ends, as a
-    retryable failure that keeps its bytes, once it has run `deadline_base_s + received /
-    min_bytes_per_s` seconds: with the defaults a 100 MB shard gets about 17 minutes, a server that
-    sends a byte now and then about a minute.
+    file, so the shard is fetched once. Attempts, retries and deadlines: see `download_file`.
     """
-    if max_attempts < 1:
-        raise ValueError(f"max_attempts must be >= 1, got {max_attempts}")
-    if backoff_s < 0 or timeout_s <= 0 or deadline_base_s <= 0 or min_bytes_per_s <= 0:
-        raise ValueError(f"need backoff_s >= 0 and timeout_s, deadline_base_s, min_bytes_per_s > 0, got "
-                         f"{backoff_s}, {timeout_s}, {deadline_base_s}, {min_bytes_per_s}")
+    check_download_args(max_attempts, backoff_s, timeout_s, deadline_base_s, min_bytes_per_s)
     name = shard_filename(index)
     directory = Path(data_dir) if data_dir is not None else default_data_dir()
     directory.mkdir(parents=True, exist_ok=True)
@@ -311,28 +357,14 @@ def download_shard(index: int, *, data_dir: str | os.PathLike[str] | None = None
     if dest.is_file() and is_valid_parquet(dest):
         return dest
     url = f"{(base_url or data_url()).rstrip('/')}/{name}"
-    partial = directory / (name + _PARTIAL_SUFFIX)
+    hint = ("Is the shard index right? If this machine is offline or behind a firewall, set NANOCHAT_DATA_URL "
+            f"to a reachable mirror, or copy shard files into {directory} (set NANOCHAT_DATA_DIR to use "
+            "another directory).")
     with FileLock(str(directory / (name + _LOCK_SUFFIX)), timeout=lock_timeout_s):
         if dest.is_file() and is_valid_parquet(dest):  # another rank finished while we waited
             return dest
-        last_error = "no attempt made"
-        for attempt in range(max_attempts):
-            if attempt > 0:
-                time.sleep(min(backoff_s * 2 ** (attempt - 1), _MAX_BACKOFF_S))
-            try:
-                _transfer(url, partial, timeout_s, deadline_base_s, min_bytes_per_s)
-            except _TransientError as e:
-                last_error = str(e)
-                continue
-            problem = _finalize(partial, dest)
-            if problem is None:
-                return dest
-            last_error = f"the downloaded file is not a readable parquet shard ({problem})"
-    raise DownloadError(
-        f"could not download {url} after {max_attempts} attempts; last error: {last_error}. "
-        "If this machine is offline or behind a firewall, set NANOCHAT_DATA_URL to a reachable mirror, "
-        f"or copy shard files into {directory} (set NANOCHAT_DATA_DIR to use another directory)."
-    )
+        return download_file(url, dest, hint=hint, max_attempts=max_attempts, backoff_s=backoff_s,
+                             timeout_s=timeout_s, deadline_base_s=deadline_base_s, min_bytes_per_s=min_bytes_per_s)
 
 
 def download_shards(indices: int | Iterable[int], *, workers: int = 4, **kwargs: object) -> list[Path]:

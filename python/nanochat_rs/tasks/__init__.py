@@ -6,10 +6,16 @@ parts). Tasks slice (`Task(start, stop, step)`), mix (`TaskMixture`, a seeded sh
 (`TaskSequence`). The synthetic tasks here need no download, so fine-tuning works offline.
 """
 
+from nanochat_rs.tasks.arc import ARC
 from nanochat_rs.tasks.arithmetic import Arithmetic
 from nanochat_rs.tasks.base import CalculatorTask, Conversation, Task, TaskMixture, TaskSequence
+from nanochat_rs.tasks.gsm8k import GSM8K
+from nanochat_rs.tasks.hub import HubTask
+from nanochat_rs.tasks.humaneval import HumanEval
 from nanochat_rs.tasks.identity import Identity
+from nanochat_rs.tasks.mmlu import MMLU
+from nanochat_rs.tasks.smoltalk import SmolTalk
 from nanochat_rs.tasks.spelling import LetterCount
 
-__all__ = ["Arithmetic", "CalculatorTask", "Conversation", "Identity", "LetterCount", "Task", "TaskMixture",
-           "TaskSequence"]
+__all__ = ["ARC", "GSM8K", "MMLU", "Arithmetic", "CalculatorTask", "Conversation", "HubTask", "HumanEval",
+           "Identity", "LetterCount", "SmolTalk", "Task", "TaskMixture", "TaskSequence"]
