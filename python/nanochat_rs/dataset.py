@@ -107,7 +107,7 @@ def list_parquet_files(data_dir: str | os.PathLike[str] | None = None) -> list[P
         shards = _shards_in(directory)
         if not shards:
             raise FileNotFoundError(f"no shard_NNNNN.parquet files in {directory}; download some with "
-                                    "`python -m nanochat_rs.dataset -n 8` or point data_dir elsewhere")
+                                    "`nanochat-data -n 8` or point --data-dir elsewhere")
         return shards
     configured = default_data_dir()
     shards = _shards_in(configured)
@@ -120,7 +120,7 @@ def list_parquet_files(data_dir: str | os.PathLike[str] | None = None) -> list[P
     if configured not in _FALLBACK_NOTED:  # once per process: loaders list files on every (re)start
         _FALLBACK_NOTED.add(configured)
         print0(f"Note: no shards in {configured}; using the embedded corpus ({len(embedded)} shards). "
-               "Download real data with `python -m nanochat_rs.dataset -n 8`.")
+               "Download real data with `nanochat-data -n 8`.")
     return embedded
 
 
@@ -389,7 +389,8 @@ def download_shards(indices: int | Iterable[int], *, workers: int = 4, **kwargs:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Download pretraining shards (last one = validation).")
+    parser = argparse.ArgumentParser(prog="nanochat-data",
+                                     description="Download pretraining shards (last one = validation).")
     parser.add_argument("-n", "--num-shards", type=int, default=8,
                         help=f"download shards 0..n-1 (the full dataset has {MAX_SHARD_INDEX + 1})")
     parser.add_argument("-w", "--workers", type=int, default=4, help="parallel downloads")
