@@ -8,7 +8,13 @@ a Python list-scan best-fit into a torch row buffer (buffer_size 1000). Ours:
 (b) end to end: tokens/s from parquet to a filled batch, crop fraction (asserted equal);
 each variant runs in its own subprocess so its peak RSS can be reported.
 
-    python scripts/bench_dataloader.py [--data-dir DIR] [--tokenizer-dir DIR] [-B 32] [-T 2048]
+--sft (one process): conversation packing in pad mode. Documents of the corpus are split into
+alternating user/assistant turns and rendered with their training masks; the Rust packer
+(`mode="pad"`, buffer SFT_BUFFER_SIZE) races a straightforward Python best-fit-pad loop on them,
+rows (inputs and targets) asserted identical; prints rows/s of each (from the median batch time)
+and the fraction of padding.
+
+    python scripts/bench_dataloader.py [--data-dir DIR] [--tokenizer-dir DIR] [-B 32] [-T 2048] [--sft]
 """
 
 from __future__ import annotations
@@ -28,8 +34,11 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import torch
+from nanochat_rs.conversation import render_conversation
 from nanochat_rs.dataloader import split_files, tokenizing_data_loader
-from nanochat_rs.packer import BestFitPacker
+from nanochat_rs.dataset import embedded_corpus_dir
+from nanochat_rs.packer import SFT_BUFFER_SIZE, BestFitPacker
+from nanochat_rs.tok_train import load_or_train_tokenizer
 from nanochat_rs.tokenizer import Tokenizer
 
 # ---- the baseline: how reference nanochat's loader does it ------------------------------------------
@@ -182,6 +191,129 @@ def run_child(mode: str, args: argparse.Namespace, **extra: object) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+# ---- SFT: pad mode on conversations (one process) ---------------------------------------------------
+
+
+class BaselinePadPacker:
+    """Best fit with padding, the obvious way: a Python list buffer, a linear scan for the longest
+    conversation that fits, padding when none does (an empty row crops the shortest instead)."""
+
+    def __init__(self, convs: Iterator[tuple[list[int], list[int]]], B: int, T: int, buffer_size: int,
+                 bos: int) -> None:
+        self.convs, self.B, self.C, self.buffer_size, self.bos = convs, B, T + 1, buffer_size, bos
+        self.buffer: list[tuple[list[int], list[int]]] = []
+        self.padded = 0
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        rows, masks = [], []
+        for _ in range(self.B):
+            row: list[int] = []
+            mask: list[int] = []
+            while len(row) < self.C:
+                while len(self.buffer) < self.buffer_size:
+                    self.buffer.append(next(self.convs))
+                remaining = self.C - len(row)
+                best, best_len = -1, 0
+                for i, (ids, _) in enumerate(self.buffer):
+                    if best_len < len(ids) <= remaining:
+                        best, best_len = i, len(ids)
+                if best < 0 and row:
+                    break
+                if best < 0:
+                    best = min(range(len(self.buffer)), key=lambda i: len(self.buffer[i][0]))
+                ids, m = self.buffer.pop(best)
+                row += ids[:remaining]
+                mask += m[:remaining]
+            self.padded += self.C - len(row)
+            masks.append(mask + [0] * (self.C - len(row)))
+            rows.append(row + [self.bos] * (self.C - len(row)))
+        batch, supervised = torch.tensor(rows, dtype=torch.long), torch.tensor(masks, dtype=torch.bool)
+        targets = batch[:, 1:].masked_fill(~supervised[:, 1:], -1)
+        return batch[:, :-1], targets
+
+
+TURN_CHARS = 400
+
+
+def conversations(files: list[Path], tokenizer: Tokenizer, max_docs: int, max_tokens: int
+                  ) -> list[tuple[list[int], list[int]]]:
+    """Corpus documents as conversations: paragraphs, merged up to `TURN_CHARS` characters, become
+    alternating user/assistant turns, 2, 4 or 6 per conversation (a long document gives several), so
+    lengths vary as chat data does (a few hundred tokens, some past a row)."""
+    out = []
+    docs = (text for path in files for text in pq.read_table(path, columns=["text"]).column("text").to_pylist())
+    for text in itertools.islice(docs, max_docs):
+        turns: list[str] = []
+        for paragraph in (p.strip() for p in text.split("\n")):
+            if turns and len(turns[-1]) < TURN_CHARS:
+                turns[-1] += "\n" + paragraph
+            elif paragraph:
+                turns.append(paragraph)
+        if len(turns) < 2:  # one paragraph: a question and an answer of half of it each
+            words = text.split()
+            turns = [" ".join(words[:len(words) // 2]), " ".join(words[len(words) // 2:])]
+        start = 0
+        while start + 2 <= len(turns):
+            n = min(2 + 2 * (len(out) % 3), (len(turns) - start) // 2 * 2)  # end on an assistant turn
+            messages = [{"role": "user" if i % 2 == 0 else "assistant", "content": t}
+                        for i, t in enumerate(turns[start:start + n])]
+            out.append(render_conversation(tokenizer, messages, max_tokens))
+            start += n
+    return out
+
+
+def sft_bench(args: argparse.Namespace) -> None:
+    tokenizer = load_or_train_tokenizer(args.tokenizer_dir)
+    data_dir = args.data_dir if args.data_dir is not None else embedded_corpus_dir()
+    convs = conversations(split_files("train", data_dir), tokenizer, args.sft_docs, args.T)
+    bos, B, T = tokenizer.bos_token_id, args.B, args.T
+    print(f"{len(convs):,} conversations, {sum(len(ids) for ids, _ in convs):,} tokens "
+          f"({np.mean([np.mean(m) for _, m in convs]):.2f} supervised); B={B} T={T} buffer_size={SFT_BUFFER_SIZE}")
+
+    # Rates come from the median time per batch: this runs in one process, often on a busy machine,
+    # and the median shrugs off the batches another process interrupted.
+    baseline = BaselinePadPacker(itertools.cycle(convs), B, T, SFT_BUFFER_SIZE, bos)
+    expected, times = [], []
+    for _ in range(args.baseline_batches):
+        t0 = time.perf_counter()
+        expected.append(baseline.next_batch())
+        times.append(time.perf_counter() - t0)
+    base_rows_per_s = B / float(np.median(times))
+
+    # The same stream for ours, pushed zero-copy in chunks of flat tokens + offsets + masks.
+    chunk = 64
+    pieces = []
+    for start in range(0, len(convs), chunk):
+        group = convs[start:start + chunk]
+        offsets = np.zeros(len(group) + 1, np.int64)
+        offsets[1:] = np.cumsum([len(ids) for ids, _ in group])
+        pieces.append((np.array([t for ids, _ in group for t in ids], np.uint32), offsets,
+                       np.array([m for _, mask in group for m in mask], np.uint8)))
+    next_piece = itertools.cycle(pieces)
+    packer = BestFitPacker(T, buffer_size=SFT_BUFFER_SIZE, bos_token_id=bos, mode="pad")
+    inputs, targets = torch.empty((B, T), dtype=torch.long), torch.empty((B, T), dtype=torch.long)
+    times = []
+    for b in range(args.ours_batches):
+        t0 = time.perf_counter()
+        # Push a batch's worth ahead: a pack_into that runs dry rolls back and is redone.
+        while packer.stats["tokens_pending"] < B * (T + 1):
+            packer.push(*next(next_piece))
+        while not packer.pack_into(inputs, targets):
+            packer.push(*next(next_piece))
+        times.append(time.perf_counter() - t0)
+        if b < len(expected):
+            assert torch.equal(inputs, expected[b][0]) and torch.equal(targets, expected[b][1]), \
+                f"batch {b} differs between baseline and ours"
+        if b + 1 == len(expected):
+            assert packer.stats["tokens_padded"] == baseline.padded, "padding counts differ"
+    ours_rows_per_s = B / float(np.median(times))
+    padding = packer.stats["tokens_padded"] / (packer.stats["rows_packed"] * (T + 1))
+    print(f"(sft) pad packing: baseline {base_rows_per_s:10,.0f} rows/s | ours {ours_rows_per_s:10,.0f} rows/s "
+          f"| x{ours_rows_per_s / base_rows_per_s:.1f} (target >= 50) | rows identical")
+    print(f"      padding    : {padding:.4f} of row positions over {args.ours_batches} batches "
+          f"(equal to the baseline's over its {args.baseline_batches})")
+
+
 # ---- parent --------------------------------------------------------------------------------------
 
 
@@ -223,6 +355,8 @@ def main() -> None:
     parser.add_argument("--baseline-batches", type=int, default=10, help="(a) batches packed by the baseline")
     parser.add_argument("--ours-batches", type=int, default=1000, help="(a) batches packed by ours")
     parser.add_argument("--e2e-batches", type=int, default=30, help="(b) batches for both")
+    parser.add_argument("--sft", action="store_true", help="conversation packing (pad mode) instead")
+    parser.add_argument("--sft-docs", type=int, default=1000, help="--sft: corpus documents to render")
     parser.add_argument("--child", choices=sorted(CHILDREN), help=argparse.SUPPRESS)
     parser.add_argument("--tokens", help=argparse.SUPPRESS)
     parser.add_argument("--offsets", help=argparse.SUPPRESS)
@@ -237,6 +371,9 @@ def main() -> None:
         return
 
     torch.set_num_threads(1)
+    if args.sft:
+        sft_bench(args)
+        return
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         args.tokenizer_dir = prepare_tokenizer(args, workdir)

@@ -327,7 +327,7 @@ def test_pinned_tensors() -> None:
 def test_empty_push_and_stats_keys() -> None:
     packer = BestFitPacker(4)
     packer.push(np.zeros(0, np.uint32), np.zeros(1, np.int64))
-    assert set(packer.stats) >= {"docs_in", "tokens_in", "tokens_placed", "tokens_cropped"}
+    assert set(packer.stats) >= {"docs_in", "tokens_in", "tokens_placed", "tokens_cropped", "tokens_padded"}
     assert packer.stats["docs_in"] == 0
     assert "BestFitPacker(sequence_len=4" in repr(packer)
 
@@ -449,6 +449,9 @@ def _edit(state: dict, key: str, value) -> dict:
         del state[key]
     else:
         state[key] = value
+        if key in ("buffer_docs", "pending_docs") and isinstance(value, list):
+            # Keep one mask entry per document, so the edit reaches the check it aims at.
+            state[key.replace("docs", "masks")] = [None] * len(value)
     return state
 
 

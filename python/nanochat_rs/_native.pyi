@@ -60,10 +60,10 @@ class Encoder:
     def decode_bytes(self, ids: list[int]) -> bytes: ...
 
 class Packer:
-    """Best-fit packer with crop-shortest (see nanochat_rs.packer.BestFitPacker)."""
+    """Best-fit packer, crop-shortest or pad (see nanochat_rs.packer.BestFitPacker)."""
 
     def __init__(self, seq_len: int, buffer_size: int = 1000, audio_prefix_len: int = 0,
-                 bos_token_id: int | None = None) -> None: ...
+                 bos_token_id: int | None = None, mode: str = "crop") -> None: ...
     @property
     def seq_len(self) -> int: ...
     @property
@@ -73,9 +73,11 @@ class Packer:
     @property
     def bos_token_id(self) -> int | None: ...
     @property
+    def mode(self) -> str: ...
+    @property
     def finished(self) -> bool: ...
-    def push(self, tokens: Buffer, offsets: Buffer) -> None:
-        """uint32 tokens and int64 offsets, both 1-D."""
+    def push(self, tokens: Buffer, offsets: Buffer, mask: Buffer | None = None) -> None:
+        """uint32 tokens and int64 offsets, both 1-D; optional uint8 0/1 mask, one per token."""
     def finish(self) -> None: ...
     def pack_into(self, inputs: Buffer, targets: Buffer) -> bool:
         """Writable int64 (B, seq_len - audio_prefix_len) and (B, seq_len) buffers, filled in place."""

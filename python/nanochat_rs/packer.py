@@ -10,6 +10,15 @@ arrived); when none fits, place the first `remaining` tokens of the **shortest**
 every position is a real token. With an audio prefix, `targets` is `sequence_len` long and starts with
 `audio_prefix_len` copies of -1 (the loss's ignore index).
 
+That is `mode="crop"` (pretraining). `mode="pad"` (conversations, SFT) never cuts a document: when
+none fits the rest of a row, the rest is padded (inputs BOS, targets -1). Only a document longer
+than a whole row is cropped: when the row is still empty and nothing fits, the shortest buffered
+document (ties: earliest) fills it and its tail is discarded. After `finish()` the last started row
+is padded rather than dropped. `stats["tokens_padded"]` counts padding positions.
+
+Documents may carry a loss mask (uint8, 0/1 per token, pushed beside the tokens): targets are -1
+wherever the target token's mask is 0, in either mode.
+
 The rows depend only on the document stream, never on how it was chunked into `push` calls:
 `pack_into` is transactional. When the pending queue runs dry before the batch is complete (a
 top-up cannot reach `buffer_size` documents while the stream is open), it returns False and leaves
@@ -35,6 +44,12 @@ from nanochat_rs.util import check_int
 
 STATE_FORMAT: str = _native.PACKER_STATE_FORMAT
 STATE_VERSION: int = _native.PACKER_STATE_VERSION
+
+SFT_BUFFER_SIZE = 100
+"""Conversations buffered for best fit in pad mode (nanochat's SFT loader): conversations are few
+and long next to pretraining documents, so a small buffer already packs them well."""
+
+MODES = ("crop", "pad")
 
 
 def _torch_tensor_type() -> type | None:
@@ -81,13 +96,14 @@ def _output_array(name: str, value: object, columns: int) -> np.ndarray:
 
 
 class BestFitPacker:
-    """Best-fit packer with crop-shortest; see the module docstring for the exact rules.
+    """Best-fit packer, crop-shortest or pad; see the module docstring for the exact rules.
 
-    `bos_token_id`, when given, is checked to start every pushed document.
+    `bos_token_id`, when given, is checked to start every pushed document; pad mode needs it (it is
+    the input at padding positions) and takes no audio prefix.
     """
 
     def __init__(self, sequence_len: int, buffer_size: int = 1000, audio_prefix_len: int = 0,
-                 bos_token_id: int | None = None) -> None:
+                 bos_token_id: int | None = None, mode: str = "crop") -> None:
         sequence_len = check_int("sequence_len", sequence_len, 1)
         buffer_size = check_int("buffer_size", buffer_size, 1)
         audio_prefix_len = check_int("audio_prefix_len", audio_prefix_len, 0)
@@ -98,7 +114,15 @@ class BestFitPacker:
             bos_token_id = check_int("bos_token_id", bos_token_id, 0)
             if bos_token_id > np.iinfo(np.uint32).max:
                 raise ValueError(f"bos_token_id must fit in uint32, got {bos_token_id}")
-        self._native = _native.Packer(sequence_len, buffer_size, audio_prefix_len, bos_token_id)
+        if not isinstance(mode, str):
+            raise TypeError(f"mode must be a str, got {type(mode).__name__}")
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if mode == "pad" and bos_token_id is None:
+            raise ValueError("mode='pad' needs bos_token_id: padding positions take BOS as their input")
+        if mode == "pad" and audio_prefix_len:
+            raise ValueError("mode='pad' does not support an audio prefix (audio_prefix_len must be 0)")
+        self._native = _native.Packer(sequence_len, buffer_size, audio_prefix_len, bos_token_id, mode)
 
     @property
     def sequence_len(self) -> int:
@@ -117,6 +141,11 @@ class BestFitPacker:
         return self._native.bos_token_id
 
     @property
+    def mode(self) -> str:
+        """"crop" or "pad"."""
+        return self._native.mode
+
+    @property
     def text_len(self) -> int:
         """Columns of `inputs`: `sequence_len - audio_prefix_len`."""
         return self.sequence_len - self.audio_prefix_len
@@ -125,16 +154,21 @@ class BestFitPacker:
     def finished(self) -> bool:
         return self._native.finished
 
-    def push(self, tokens: np.ndarray, offsets: np.ndarray) -> None:
+    def push(self, tokens: np.ndarray, offsets: np.ndarray, mask: np.ndarray | None = None) -> None:
         """Append documents `tokens[offsets[i]:offsets[i + 1]]` to the stream.
 
         `tokens` is uint32 and `offsets` int64, both 1-D; `offsets[0] == 0`,
-        `offsets[-1] == len(tokens)` and offsets strictly increase (no empty documents). Invalid
-        input raises ValueError/TypeError and adds nothing.
+        `offsets[-1] == len(tokens)` and offsets strictly increase (no empty documents). `mask`,
+        when given, is uint8 with one 0/1 value per token (1: the token is a training target);
+        None supervises every token. Invalid input raises ValueError/TypeError and adds nothing.
         """
         tokens = _input_array("tokens", tokens, np.uint32)
         offsets = _input_array("offsets", offsets, np.int64)
-        self._native.push(tokens, offsets)
+        if mask is not None:
+            mask = _input_array("mask", mask, np.uint8)
+            if mask.shape != tokens.shape:
+                raise ValueError(f"mask must have one value per token ({tokens.shape[0]}), got {mask.shape[0]}")
+        self._native.push(tokens, offsets, mask)
 
     def finish(self) -> None:
         """Mark the end of the stream; pushing afterwards raises ValueError."""
@@ -160,12 +194,12 @@ class BestFitPacker:
     @property
     def stats(self) -> dict[str, int]:
         """Counters: docs_in, tokens_in, tokens_placed, tokens_cropped, docs_placed, docs_cropped,
-        rows_packed, plus docs/tokens currently buffered and pending. Every pushed token is placed,
-        cropped, buffered or pending."""
+        rows_packed, tokens_padded, plus docs/tokens currently buffered and pending. Every pushed
+        token is placed, cropped, buffered or pending; padding positions are counted apart."""
         return self._native.stats()
 
     def state_dict(self) -> dict[str, Any]:
-        """The full state (configuration, counters, held documents as base64 uint32), JSON-serialisable."""
+        """The full state (configuration, counters, held documents and masks as base64), JSON-serialisable."""
         return self._native.state_dict()
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -180,5 +214,5 @@ class BestFitPacker:
     def __repr__(self) -> str:
         s = self.stats
         return (f"BestFitPacker(sequence_len={self.sequence_len}, buffer_size={self.buffer_size}, "
-                f"audio_prefix_len={self.audio_prefix_len}, bos_token_id={self.bos_token_id}, "
+                f"audio_prefix_len={self.audio_prefix_len}, bos_token_id={self.bos_token_id}, mode={self.mode!r}, "
                 f"buffered={s['docs_buffered']}, pending={s['docs_pending']})")

@@ -8,7 +8,7 @@
 
 use std::sync::Arc;
 
-use nanochat_packer::{DocTexts, PackError, Packer, PackerConfig, Value, STATE_FORMAT, STATE_VERSION};
+use nanochat_packer::{DocTexts, PackError, PackMode, Packer, PackerConfig, Value, STATE_FORMAT, STATE_VERSION};
 use pyo3::buffer::PyBuffer;
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
@@ -102,7 +102,7 @@ fn to_python<'py>(py: Python<'py>, value: &Value) -> PyResult<Bound<'py, PyAny>>
     })
 }
 
-/// Best-fit packer with crop-shortest over a stream of BOS-started documents (see
+/// Best-fit packer (crop-shortest or pad) over a stream of BOS-started documents (see
 /// `nanochat_rs.packer.BestFitPacker`, the public wrapper, for the rules).
 #[pyclass(module = "nanochat_rs._native", name = "Packer")]
 pub struct PyPacker {
@@ -114,11 +114,20 @@ pub struct PyPacker {
 impl PyPacker {
     /// Rows of `seq_len` positions, the first `audio_prefix_len` of them audio; the buffer is
     /// topped up to `buffer_size` documents; every document must start with `bos_token_id` when
-    /// given. ValueError for a configuration that holds no text token per row.
+    /// given; `mode` is "crop" or "pad". ValueError for a configuration that holds no text token
+    /// per row, an unknown mode, or pad mode without a BOS or with an audio prefix.
     #[new]
-    #[pyo3(signature = (seq_len, buffer_size=1000, audio_prefix_len=0, bos_token_id=None))]
-    fn new(seq_len: usize, buffer_size: usize, audio_prefix_len: usize, bos_token_id: Option<u32>) -> PyResult<Self> {
-        let config = PackerConfig::new(seq_len, buffer_size, audio_prefix_len, bos_token_id).map_err(to_py_err)?;
+    #[pyo3(signature = (seq_len, buffer_size=1000, audio_prefix_len=0, bos_token_id=None, mode="crop"))]
+    fn new(
+        seq_len: usize,
+        buffer_size: usize,
+        audio_prefix_len: usize,
+        bos_token_id: Option<u32>,
+        mode: &str,
+    ) -> PyResult<Self> {
+        let config = PackerConfig::new(seq_len, buffer_size, audio_prefix_len, bos_token_id)
+            .and_then(|c| c.with_mode(PackMode::from_name(mode)?))
+            .map_err(to_py_err)?;
         Ok(PyPacker { inner: Packer::new(config).map_err(to_py_err)?, texts: DocTexts::default() })
     }
 
@@ -146,6 +155,12 @@ impl PyPacker {
         self.inner.config().bos_token_id
     }
 
+    /// "crop" or "pad": what fills the rest of a row that no buffered document fits.
+    #[getter]
+    fn mode(&self) -> &'static str {
+        self.inner.config().mode.name()
+    }
+
     /// Whether `finish()` was called (end of stream).
     #[getter]
     fn finished(&self) -> bool {
@@ -153,14 +168,29 @@ impl PyPacker {
     }
 
     /// Append documents: `tokens` (uint32, 1-D) and `offsets` (int64, 1-D, `len(docs) + 1` values,
-    /// from 0 to len(tokens), strictly increasing). ValueError on invalid input, which adds nothing.
-    fn push(&mut self, py: Python<'_>, tokens: PyBuffer<u32>, offsets: PyBuffer<i64>) -> PyResult<()> {
+    /// from 0 to len(tokens), strictly increasing) and an optional loss `mask` (uint8, 1-D, one
+    /// 0/1 value per token). ValueError on invalid input, which adds nothing.
+    #[pyo3(signature = (tokens, offsets, mask=None))]
+    fn push(
+        &mut self,
+        py: Python<'_>,
+        tokens: PyBuffer<u32>,
+        offsets: PyBuffer<i64>,
+        mask: Option<PyBuffer<u8>>,
+    ) -> PyResult<()> {
         check_ndim(&tokens, "tokens", 1)?;
         check_ndim(&offsets, "offsets", 1)?;
         let tokens = readonly_slice(py, &tokens)?;
         let offsets = readonly_slice(py, &offsets)?;
+        let mask = match &mask {
+            Some(mask) => {
+                check_ndim(mask, "mask", 1)?;
+                Some(readonly_slice(py, mask)?)
+            }
+            None => None,
+        };
         let inner = &mut self.inner;
-        py.detach(|| inner.push(tokens, offsets)).map_err(to_py_err)
+        py.detach(|| inner.push_masked(tokens, offsets, mask)).map_err(to_py_err)
     }
 
     /// Mark the end of the stream: later top-ups take whatever is left.
@@ -190,7 +220,7 @@ impl PyPacker {
     }
 
     /// Counters (docs_in, tokens_in, tokens_placed, tokens_cropped, docs_placed, docs_cropped,
-    /// rows_packed), plus what is currently held in the buffer and the pending queue.
+    /// rows_packed, tokens_padded), plus what is currently held in the buffer and the pending queue.
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let d = PyDict::new(py);
         for (k, v) in self.inner.stats().named() {

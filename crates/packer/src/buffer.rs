@@ -6,11 +6,14 @@
 
 use std::collections::BTreeMap;
 
-/// One document: its tokens and its position in the arrival order of the stream.
+/// One document: its tokens, its loss mask and its position in the arrival order of the stream.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Doc {
     pub seq: u64,
     pub tokens: Box<[u32]>,
+    /// 0/1 per token (1: the token is a training target); `None` supervises every token and costs
+    /// no memory, which is the pretraining case.
+    pub mask: Option<Box<[u8]>>,
 }
 
 impl Doc {
@@ -23,10 +26,16 @@ impl Doc {
     }
 }
 
+/// A held document as `(arrival number, tokens, mask)`.
+pub type DocRef<'a> = (u64, &'a [u32], Option<&'a [u8]>);
+
+/// What the buffer keeps per document under its key: tokens and mask.
+type Stored = (Box<[u32]>, Option<Box<[u8]>>);
+
 /// Buffered documents ordered by length, then by arrival.
 #[derive(Debug, Default, Clone)]
 pub struct DocBuffer {
-    docs: BTreeMap<(usize, u64), Box<[u32]>>,
+    docs: BTreeMap<(usize, u64), Stored>,
     tokens: usize,
 }
 
@@ -51,14 +60,14 @@ impl DocBuffer {
 
     pub fn insert(&mut self, doc: Doc) {
         self.tokens += doc.len();
-        self.docs.insert((doc.len(), doc.seq), doc.tokens);
+        self.docs.insert((doc.len(), doc.seq), (doc.tokens, doc.mask));
     }
 
     /// Remove the document with this length and sequence number, if held.
     pub fn remove(&mut self, len: usize, seq: u64) -> Option<Doc> {
-        let tokens = self.docs.remove(&(len, seq))?;
+        let (tokens, mask) = self.docs.remove(&(len, seq))?;
         self.tokens -= tokens.len();
-        Some(Doc { seq, tokens })
+        Some(Doc { seq, tokens, mask })
     }
 
     /// Remove and return the longest document with `len <= max_len` (earliest arrived among equals).
@@ -76,10 +85,11 @@ impl DocBuffer {
         self.remove(len, seq)
     }
 
-    /// All documents in arrival order.
-    pub fn by_arrival(&self) -> Vec<(u64, &[u32])> {
-        let mut docs: Vec<(u64, &[u32])> = self.docs.iter().map(|(&(_, seq), t)| (seq, &t[..])).collect();
-        docs.sort_unstable_by_key(|&(seq, _)| seq);
+    /// All documents in arrival order, with their masks.
+    pub fn by_arrival(&self) -> Vec<DocRef<'_>> {
+        let mut docs: Vec<DocRef<'_>> =
+            self.docs.iter().map(|(&(_, seq), (t, m))| (seq, &t[..], m.as_deref())).collect();
+        docs.sort_unstable_by_key(|&(seq, _, _)| seq);
         docs
     }
 }
@@ -89,7 +99,7 @@ mod tests {
     use super::*;
 
     fn doc(seq: u64, len: usize) -> Doc {
-        Doc { seq, tokens: vec![seq as u32; len].into_boxed_slice() }
+        Doc { seq, tokens: vec![seq as u32; len].into_boxed_slice(), mask: None }
     }
 
     fn filled(lens: &[usize]) -> DocBuffer {
@@ -128,7 +138,7 @@ mod tests {
         let mut b = filled(&[4, 2, 6]);
         assert!(b.remove(2, 0).is_none());
         assert_eq!(b.remove(2, 1).map(|d| d.len()), Some(2));
-        let order: Vec<u64> = b.by_arrival().iter().map(|&(s, _)| s).collect();
+        let order: Vec<u64> = b.by_arrival().iter().map(|&(s, _, _)| s).collect();
         assert_eq!(order, vec![0, 2]);
         assert_eq!(b.num_tokens(), 10);
     }

@@ -45,6 +45,20 @@ pub fn decode_tokens(text: &str) -> Result<Vec<u32>, CodecError> {
     }
 }
 
+/// Base64 of a loss mask: one byte (0 or 1) per token.
+pub fn encode_mask(mask: &[u8]) -> String {
+    encode_bytes(mask)
+}
+
+/// Inverse of [`encode_mask`]; every value must be 0 or 1.
+pub fn decode_mask(text: &str) -> Result<Vec<u8>, CodecError> {
+    let mask = decode_bytes(text)?;
+    match mask.iter().position(|&m| m > 1) {
+        Some(i) => Err(CodecError(format!("mask value {} at index {i} is not 0 or 1", mask[i]))),
+        None => Ok(mask),
+    }
+}
+
 fn encode_bytes(bytes: &[u8]) -> String {
     let mut out = Vec::with_capacity(bytes.len().div_ceil(3) * 4);
     for chunk in bytes.chunks(3) {
@@ -115,6 +129,8 @@ mod tests {
         assert_eq!(encode_tokens(&[]), "Ag==");
         assert_eq!(decode_tokens("AgEA").unwrap(), vec![1]);
         assert_eq!(decode_tokens("BAAAAQA=").unwrap(), vec![65536]);
+        assert_eq!(encode_mask(&[0, 1, 1]), "AAEB");
+        assert!(decode_mask("AAIB").is_err(), "2 is not a mask value");
     }
 
     #[test]
@@ -131,6 +147,11 @@ mod tests {
             let tokens: Vec<u32> = if narrow { tokens.iter().map(|&t| t & 0xFFFF).collect() } else { tokens };
             let text = encode_tokens(&tokens);
             prop_assert_eq!(decode_tokens(&text).unwrap(), tokens);
+        }
+
+        #[test]
+        fn mask_roundtrip(mask in proptest::collection::vec(0u8..2, 0..64)) {
+            prop_assert_eq!(decode_mask(&encode_mask(&mask)).unwrap(), mask);
         }
 
         #[test]

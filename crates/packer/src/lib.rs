@@ -7,8 +7,12 @@
 //!
 //! * if some buffered document fits the remaining space, the **longest** one is placed whole
 //!   (ties: the earliest arrived);
-//! * otherwise the **shortest** buffered document (ties: the earliest arrived) fills the row and
-//!   the rest of it is discarded, which minimises the tokens thrown away.
+//! * otherwise, in *crop* mode (the default), the **shortest** buffered document (ties: the
+//!   earliest arrived) fills the row and the rest of it is discarded, which minimises the tokens
+//!   thrown away; in *pad* mode the rest of the row is padded (inputs BOS, targets -1) instead, and
+//!   only a row that is still empty crops its shortest document (one longer than a whole row).
+//!
+//! Documents may carry a 0/1 loss mask; targets are -1 wherever the target token's mask is 0.
 //!
 //! A row becomes `inputs = row[..T_text]` and `targets = row[1..]`, written straight into
 //! caller-owned `i64` buffers; with an audio prefix of `T_a` positions the targets row is
@@ -32,7 +36,7 @@ pub mod state;
 
 use std::fmt;
 
-pub use packer::{Packer, PackerConfig, Stats};
+pub use packer::{PackMode, Packer, PackerConfig, Stats};
 pub use state::{DocTexts, PackerState, Value, STATE_FORMAT, STATE_VERSION};
 
 /// Everything that can go wrong on user input. The bindings map these to Python `ValueError`s,
@@ -55,6 +59,8 @@ pub enum PackError {
     InvalidState(String),
     /// A state value of the wrong type (the bindings raise `TypeError` for it, not `ValueError`).
     StateType(String),
+    /// A loss mask that is not one 0/1 value per token.
+    InvalidMask(String),
     /// A push that would make a counter or an arrival number pass `u64::MAX`.
     CounterOverflow(String),
 }
@@ -74,6 +80,7 @@ impl fmt::Display for PackError {
             PackError::StreamFinished => write!(f, "cannot push documents after finish()"),
             PackError::InvalidState(msg) => write!(f, "invalid packer state: {msg}"),
             PackError::StateType(msg) => f.write_str(msg),
+            PackError::InvalidMask(msg) => write!(f, "invalid loss mask: {msg}"),
             PackError::CounterOverflow(msg) => write!(f, "cannot push: {msg}"),
         }
     }

@@ -2,11 +2,42 @@
 
 use std::collections::VecDeque;
 
-use crate::buffer::{Doc, DocBuffer};
+use crate::buffer::{Doc, DocBuffer, DocRef};
 use crate::PackError;
 
 /// Value written into `targets` over the audio prefix: the loss's ignore index.
 pub const IGNORE_INDEX: i64 = -1;
+
+/// What to do when no buffered document fits the rest of a row.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum PackMode {
+    /// Fill the rest with the head of the shortest buffered document and discard its tail:
+    /// no padding, the fewest tokens thrown away (pretraining).
+    #[default]
+    Crop,
+    /// Pad the rest (inputs BOS, targets ignored) so no document is ever cut, except one longer
+    /// than a whole row, which is cropped to the row it starts (conversations for SFT).
+    Pad,
+}
+
+impl PackMode {
+    /// The mode's name in the Python API and in exported states.
+    pub fn name(self) -> &'static str {
+        match self {
+            PackMode::Crop => "crop",
+            PackMode::Pad => "pad",
+        }
+    }
+
+    /// Inverse of [`PackMode::name`].
+    pub fn from_name(name: &str) -> Result<PackMode, PackError> {
+        match name {
+            "crop" => Ok(PackMode::Crop),
+            "pad" => Ok(PackMode::Pad),
+            other => Err(PackError::InvalidConfig(format!("mode must be \"crop\" or \"pad\", got {other:?}"))),
+        }
+    }
+}
 
 /// Shape of the rows and behaviour of the buffer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -19,6 +50,8 @@ pub struct PackerConfig {
     pub audio_prefix_len: usize,
     /// When set, every pushed document must start with this token.
     pub bos_token_id: Option<u32>,
+    /// What fills the rest of a row that no buffered document fits.
+    pub mode: PackMode,
 }
 
 impl PackerConfig {
@@ -28,7 +61,14 @@ impl PackerConfig {
         audio_prefix_len: usize,
         bos_token_id: Option<u32>,
     ) -> Result<Self, PackError> {
-        let config = PackerConfig { seq_len, buffer_size, audio_prefix_len, bos_token_id };
+        let config = PackerConfig { seq_len, buffer_size, audio_prefix_len, bos_token_id, mode: PackMode::Crop };
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// The same configuration in another mode, validated.
+    pub fn with_mode(self, mode: PackMode) -> Result<Self, PackError> {
+        let config = PackerConfig { mode, ..self };
         config.validate()?;
         Ok(config)
     }
@@ -42,6 +82,17 @@ impl PackerConfig {
         }
         if self.buffer_size < 1 {
             return Err(PackError::InvalidConfig("buffer_size must be at least 1".into()));
+        }
+        if self.mode == PackMode::Pad {
+            // Padding positions take BOS as their input token, so it must be known.
+            if self.bos_token_id.is_none() {
+                return Err(PackError::InvalidConfig("pad mode needs bos_token_id (padding inputs are BOS)".into()));
+            }
+            // Audio rows carry one clip per row, aligned with the text they start with; padding
+            // them has no defined meaning yet.
+            if self.audio_prefix_len != 0 {
+                return Err(PackError::InvalidConfig("pad mode does not support an audio prefix".into()));
+            }
         }
         Ok(())
     }
@@ -58,7 +109,8 @@ impl PackerConfig {
 }
 
 /// Cumulative counters. With the buffered and pending tokens they account for every token pushed:
-/// `tokens_in == tokens_placed + tokens_cropped + tokens_buffered + tokens_pending`.
+/// `tokens_in == tokens_placed + tokens_cropped + tokens_buffered + tokens_pending`
+/// (padding is not a pushed token: `tokens_padded` stands apart).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Stats {
     pub docs_in: u64,
@@ -72,12 +124,14 @@ pub struct Stats {
     /// Documents placed partially (their tail discarded).
     pub docs_cropped: u64,
     pub rows_packed: u64,
+    /// Row positions filled with padding (pad mode only).
+    pub tokens_padded: u64,
 }
 
 impl Stats {
     /// Every counter with its name, in a fixed order: the names are the keys of the exported
     /// state and of the Python `stats` dict.
-    pub fn named(&self) -> [(&'static str, u64); 7] {
+    pub fn named(&self) -> [(&'static str, u64); 8] {
         [
             ("docs_in", self.docs_in),
             ("tokens_in", self.tokens_in),
@@ -86,6 +140,7 @@ impl Stats {
             ("docs_placed", self.docs_placed),
             ("docs_cropped", self.docs_cropped),
             ("rows_packed", self.rows_packed),
+            ("tokens_padded", self.tokens_padded),
         ]
     }
 
@@ -99,6 +154,7 @@ impl Stats {
             docs_placed: get("docs_placed")?,
             docs_cropped: get("docs_cropped")?,
             rows_packed: get("rows_packed")?,
+            tokens_padded: get("tokens_padded")?,
         })
     }
 }
@@ -171,14 +227,14 @@ impl Packer {
         self.pending_tokens
     }
 
-    /// Buffered documents in arrival order.
-    pub fn buffered_docs(&self) -> Vec<(u64, &[u32])> {
+    /// Buffered documents (arrival number, tokens, mask) in arrival order.
+    pub fn buffered_docs(&self) -> Vec<DocRef<'_>> {
         self.buffer.by_arrival()
     }
 
-    /// Pending documents in arrival order.
-    pub fn pending_docs(&self) -> impl Iterator<Item = (u64, &[u32])> {
-        self.pending.iter().map(|d| (d.seq, &d.tokens[..]))
+    /// Pending documents (arrival number, tokens, mask) in arrival order.
+    pub fn pending_docs(&self) -> impl Iterator<Item = DocRef<'_>> {
+        self.pending.iter().map(|d| (d.seq, &d.tokens[..], d.mask.as_deref()))
     }
 
     /// Append documents to the stream: document `i` is `tokens[offsets[i]..offsets[i + 1]]`.
@@ -186,12 +242,21 @@ impl Packer {
     /// `offsets` starts at 0, ends at `tokens.len()` and is strictly increasing (documents are
     /// never empty). Everything is validated before anything is added, so an error changes nothing.
     pub fn push(&mut self, tokens: &[u32], offsets: &[i64]) -> Result<(), PackError> {
+        self.push_masked(tokens, offsets, None)
+    }
+
+    /// [`Packer::push`] with a loss mask: `mask[i]` (0 or 1, one per token) says whether token `i`
+    /// is a training target; its target position holds -1 where it is 0.
+    pub fn push_masked(&mut self, tokens: &[u32], offsets: &[i64], mask: Option<&[u8]>) -> Result<(), PackError> {
         if self.finished {
             return Err(PackError::StreamFinished);
         }
         let bounds = validate_offsets(tokens.len(), offsets)?;
         if let Some(bos) = self.config.bos_token_id {
             check_bos(tokens, &bounds, bos)?;
+        }
+        if let Some(mask) = mask {
+            check_mask(mask, tokens.len())?;
         }
         // A wrapped arrival number would collide with a buffered document's key and replace it.
         // Every other counter is bounded by these two (placed + cropped never exceed what came in).
@@ -202,7 +267,8 @@ impl Packer {
         let pending_tokens =
             self.pending_tokens.checked_add(tokens.len()).ok_or_else(|| overflow("pending tokens"))?;
         for (seq, &(start, end)) in (self.next_seq..).zip(&bounds) {
-            self.pending.push_back(Doc { seq, tokens: tokens[start..end].into() });
+            let mask = mask.map(|m| m[start..end].into());
+            self.pending.push_back(Doc { seq, tokens: tokens[start..end].into(), mask });
         }
         self.next_seq = docs_in;
         self.pending_tokens = pending_tokens;
@@ -230,6 +296,14 @@ impl Packer {
             .rows_packed
             .checked_add(rows as u64)
             .ok_or_else(|| PackError::CounterOverflow("rows_packed would pass 2^64 - 1".into()))?;
+        // A batch pads at most every position of its rows; checking that bound up front lets the
+        // row filling add padding without overflow checks.
+        let padding_bound = (rows as u64)
+            .checked_mul(self.config.row_capacity() as u64)
+            .and_then(|n| self.stats.tokens_padded.checked_add(n));
+        if self.config.mode == PackMode::Pad && padding_bound.is_none() {
+            return Err(PackError::CounterOverflow("tokens_padded could pass 2^64 - 1".into()));
+        }
         let (text_len, seq_len) = (self.config.text_len(), self.config.seq_len);
         let mut journal = Journal { stats: self.stats, moved_in: Vec::new(), taken: Vec::new() };
         for (in_row, tgt_row) in inputs.chunks_exact_mut(text_len).zip(targets.chunks_exact_mut(seq_len)) {
@@ -261,9 +335,15 @@ impl Packer {
         targets[..audio].fill(IGNORE_INDEX);
         let text_targets = &mut targets[audio..];
         let capacity = self.config.row_capacity();
+        let pad = self.config.mode == PackMode::Pad;
         let mut pos = 0;
         while pos < capacity {
             if !self.top_up(journal) {
+                // At the end of the stream a started row is padded rather than lost.
+                if pad && self.finished && pos > 0 {
+                    self.pad_from(inputs, text_targets, pos);
+                    break;
+                }
                 return false;
             }
             let remaining = capacity - pos;
@@ -271,6 +351,12 @@ impl Packer {
                 Some(doc) => {
                     self.stats.docs_placed += 1;
                     doc
+                }
+                // Cropping is the last resort in pad mode: only a document longer than a whole
+                // row, on an empty row, is cut.
+                None if pad && pos > 0 => {
+                    self.pad_from(inputs, text_targets, pos);
+                    break;
                 }
                 None => match self.buffer.take_shortest() {
                     Some(doc) => {
@@ -282,12 +368,23 @@ impl Packer {
                 },
             };
             let placed = doc.len().min(remaining);
-            write_piece(inputs, text_targets, pos, &doc.tokens[..placed]);
+            write_piece(inputs, text_targets, pos, &doc.tokens[..placed], doc.mask.as_ref().map(|m| &m[..placed]));
             self.stats.tokens_placed += placed as u64;
             pos += placed;
             journal.taken.push(doc);
         }
         true
+    }
+
+    /// Fill row positions `pos..capacity` (with `pos >= 1`) with padding: input BOS, no target.
+    fn pad_from(&mut self, inputs: &mut [i64], text_targets: &mut [i64], pos: usize) {
+        let bos = self.config.bos_token_id.map_or(0, i64::from); // pad mode requires a BOS
+        if pos < inputs.len() {
+            inputs[pos..].fill(bos);
+        }
+        text_targets[pos - 1..].fill(IGNORE_INDEX);
+        // No overflow: pack_into checked that padding every position of the batch fits.
+        self.stats.tokens_padded += (self.config.row_capacity() - pos) as u64;
     }
 
     /// Move pending documents into the buffer up to `buffer_size`. False when the buffer cannot
@@ -384,6 +481,19 @@ fn validate_offsets(num_tokens: usize, offsets: &[i64]) -> Result<Vec<(usize, us
     Ok(bounds)
 }
 
+fn check_mask(mask: &[u8], num_tokens: usize) -> Result<(), PackError> {
+    if mask.len() != num_tokens {
+        return Err(PackError::InvalidMask(format!(
+            "mask has {} values but there are {num_tokens} tokens",
+            mask.len()
+        )));
+    }
+    if let Some(i) = mask.iter().position(|&m| m > 1) {
+        return Err(PackError::InvalidMask(format!("mask values must be 0 or 1, got {} at index {i}", mask[i])));
+    }
+    Ok(())
+}
+
 fn check_bos(tokens: &[u32], bounds: &[(usize, usize)], bos: u32) -> Result<(), PackError> {
     for (index, &(start, _)) in bounds.iter().enumerate() {
         if tokens[start] != bos {
@@ -394,8 +504,9 @@ fn check_bos(tokens: &[u32], bounds: &[(usize, usize)], bos: u32) -> Result<(), 
 }
 
 /// Write `piece`, occupying row positions `pos..pos + piece.len()`, into the two views of a row:
-/// `inputs[p] = row[p]` for `p < T_text` and `text_targets[p - 1] = row[p]` for `p >= 1`.
-fn write_piece(inputs: &mut [i64], text_targets: &mut [i64], pos: usize, piece: &[u32]) {
+/// `inputs[p] = row[p]` for `p < T_text` and `text_targets[p - 1] = row[p]` for `p >= 1`, or -1
+/// where the piece's mask is 0.
+fn write_piece(inputs: &mut [i64], text_targets: &mut [i64], pos: usize, piece: &[u32], mask: Option<&[u8]>) {
     let end = pos + piece.len();
     let in_end = end.min(inputs.len());
     if pos < in_end {
@@ -407,8 +518,19 @@ fn write_piece(inputs: &mut [i64], text_targets: &mut [i64], pos: usize, piece: 
     let skip = usize::from(pos == 0);
     if end > pos + skip {
         let dst = &mut text_targets[pos + skip - 1..end - 1];
-        for (dst, &src) in dst.iter_mut().zip(&piece[skip..]) {
-            *dst = i64::from(src);
+        match mask {
+            None => {
+                for (dst, &src) in dst.iter_mut().zip(&piece[skip..]) {
+                    *dst = i64::from(src);
+                }
+            }
+            Some(mask) => {
+                // Masks hold only 0 and 1 (checked on push and on load): `(t + 1) * m - 1` is `t`
+                // or IGNORE_INDEX without a branch, so the loop vectorises like the unmasked one.
+                for ((dst, &src), &m) in dst.iter_mut().zip(&piece[skip..]).zip(&mask[skip..]) {
+                    *dst = (i64::from(src) + 1) * i64::from(m) + IGNORE_INDEX;
+                }
+            }
         }
     }
 }
@@ -499,7 +621,104 @@ mod tests {
         assert_eq!((s.docs_placed, s.docs_cropped, s.tokens_cropped, s.rows_packed), (2, 3, 3, 3));
         let held = (p.tokens_buffered() + p.tokens_pending()) as u64;
         assert_eq!(s.tokens_in, s.tokens_placed + s.tokens_cropped + held);
-        assert_eq!(p.buffered_docs().iter().map(|&(seq, _)| seq).collect::<Vec<_>>(), vec![5]);
+        assert_eq!(p.buffered_docs().iter().map(|&(seq, _, _)| seq).collect::<Vec<_>>(), vec![5]);
+    }
+
+    fn pad_packer(seq_len: usize, buffer_size: usize) -> Packer {
+        let config = PackerConfig::new(seq_len, buffer_size, 0, Some(BOS)).unwrap().with_mode(PackMode::Pad).unwrap();
+        Packer::new(config).unwrap()
+    }
+
+    #[test]
+    fn pad_mode_config_needs_bos_and_no_audio() {
+        let base = PackerConfig::new(8, 1, 0, None).unwrap();
+        assert!(matches!(base.with_mode(PackMode::Pad), Err(PackError::InvalidConfig(_))));
+        let audio = PackerConfig::new(8, 1, 2, Some(BOS)).unwrap();
+        assert!(matches!(audio.with_mode(PackMode::Pad), Err(PackError::InvalidConfig(_))));
+        assert!(matches!(PackMode::from_name("padded"), Err(PackError::InvalidConfig(_))));
+        assert_eq!(PackMode::from_name(PackMode::Pad.name()), Ok(PackMode::Pad));
+    }
+
+    #[test]
+    fn pad_mode_pads_instead_of_cropping() {
+        // Same stream as best_fit_then_crop_shortest: capacity 8, buffer 4.
+        let mut p = pad_packer(7, 4);
+        let (t, o) = flat(&[6, 5, 9, 3, 4, 9]);
+        p.push(&t, &o).unwrap();
+        p.finish();
+        let b = i64::from(BOS);
+        // doc0 (6) is placed; 2 left and nothing fits: pad instead of cropping doc3.
+        let (inputs, targets) = pack(&mut p, 1).unwrap();
+        let doc0 = as_row(&[&t[0..6]]);
+        assert_eq!(inputs, [&doc0[..], &[b]].concat());
+        assert_eq!(targets, [&doc0[1..], &[-1, -1]].concat());
+        // Buffer {5, 9, 3, 4}: doc1 (5) then doc3 (3) fill the row exactly.
+        let (inputs, _) = pack(&mut p, 1).unwrap();
+        assert_eq!(inputs, as_row(&[&t[6..11], &t[20..23]])[..7]);
+        // Buffer {9, 4, 9}: doc4 (4) fits; then 4 left, both 9s are too long: pad.
+        let (inputs, targets) = pack(&mut p, 1).unwrap();
+        assert_eq!(inputs, [&as_row(&[&t[23..27]])[..], &[b; 3]].concat());
+        assert_eq!(targets, [&as_row(&[&t[24..27]])[..], &[-1; 4]].concat());
+        // An empty row with only documents longer than a row crops the earliest of the shortest.
+        let (inputs, _) = pack(&mut p, 1).unwrap();
+        assert_eq!(inputs, as_row(&[&t[11..18]]));
+        let s = p.stats();
+        assert_eq!((s.docs_placed, s.docs_cropped, s.tokens_cropped, s.tokens_padded), (4, 1, 1, 6));
+        assert_eq!(s.tokens_in, s.tokens_placed + s.tokens_cropped + p.tokens_buffered() as u64);
+    }
+
+    #[test]
+    fn pad_mode_pads_the_last_row_after_finish() {
+        let mut p = pad_packer(7, 2);
+        let (t, o) = flat(&[3]);
+        p.push(&t, &o).unwrap();
+        assert!(pack(&mut p, 1).is_none(), "the stream is open and the buffer short");
+        p.finish();
+        let (inputs, targets) = pack(&mut p, 1).unwrap();
+        assert_eq!(inputs, [&as_row(&[&t[..]])[..], &[i64::from(BOS); 4]].concat());
+        assert_eq!(targets, [&as_row(&[&t[1..]])[..], &[-1; 5]].concat());
+        assert!(pack(&mut p, 1).is_none(), "nothing is left");
+        assert_eq!(p.stats().tokens_padded, 5);
+    }
+
+    #[test]
+    fn masked_tokens_are_not_targets() {
+        for mode in [PackMode::Crop, PackMode::Pad] {
+            let config = PackerConfig::new(5, 1, 0, Some(BOS)).unwrap().with_mode(mode).unwrap();
+            let mut p = Packer::new(config).unwrap();
+            let (t, o) = flat(&[3, 3]);
+            p.push_masked(&t, &o, Some(&[0, 0, 1, 0, 1, 0])).unwrap();
+            p.finish();
+            let (inputs, targets) = pack(&mut p, 1).unwrap();
+            let row = as_row(&[&t[..]]);
+            assert_eq!(inputs, row[..5]);
+            // Targets are row[1..]: masks [0, 1, 0, 1, 0] for tokens 1..6.
+            assert_eq!(targets, [-1, row[2], -1, row[4], -1], "{mode:?}");
+        }
+    }
+
+    #[test]
+    fn bad_masks_change_nothing() {
+        let mut p = packer(8, 2, 0);
+        let (t, o) = flat(&[2, 3]);
+        let too_short = p.push_masked(&t, &o, Some(&[1; 4]));
+        assert!(matches!(too_short, Err(PackError::InvalidMask(_))), "{too_short:?}");
+        let not_binary = p.push_masked(&t, &o, Some(&[1, 1, 0, 2, 1]));
+        assert!(matches!(not_binary, Err(PackError::InvalidMask(_))), "{not_binary:?}");
+        assert_eq!(p.docs_pending(), 0);
+        assert_eq!(p.stats(), Stats::default());
+    }
+
+    #[test]
+    fn padding_counter_never_wraps() {
+        let config = PackerConfig::new(4, 1, 0, Some(BOS)).unwrap().with_mode(PackMode::Pad).unwrap();
+        let stats = Stats { tokens_padded: u64::MAX - 3, ..Stats::default() };
+        let mut p = Packer::from_parts(config, stats, false, Vec::new(), Vec::new());
+        let (t, o) = flat(&[2, 2]);
+        p.push(&t, &o).unwrap();
+        let (mut inputs, mut targets) = (vec![0; 4], vec![0; 4]);
+        assert!(matches!(p.pack_into(&mut inputs, &mut targets), Err(PackError::CounterOverflow(_))));
+        assert_eq!(p.docs_pending(), 2, "nothing was packed");
     }
 
     #[test]

@@ -2,7 +2,11 @@
 //!
 //! Buffered and pending documents are kept whole (a placed or cropped document leaves the packer
 //! entirely), so the state is: the configuration, the counters, the end-of-stream flag and the
-//! tokens of every document still held, with their arrival numbers.
+//! tokens (and loss masks) of every document still held, with their arrival numbers.
+//!
+//! Keys added after the first release (`mode`, `buffer_masks`, `pending_masks`,
+//! `stats['tokens_padded']`) are optional on load, so older states still load: as crop mode,
+//! without masks, with nothing padded.
 //!
 //! This module is the one place that knows the state's schema and checks it: a state arrives as a
 //! [`Value`] (the JSON data model, which is what the Python `state_dict` is made of) and is turned
@@ -13,9 +17,9 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use crate::buffer::Doc;
+use crate::buffer::{Doc, DocRef};
 use crate::codec;
-use crate::packer::{Packer, PackerConfig, Stats};
+use crate::packer::{PackMode, Packer, PackerConfig, Stats};
 use crate::PackError;
 
 /// Identifies a state produced by this crate (checked on load).
@@ -81,19 +85,22 @@ pub struct PackerState {
     /// Arrival number the next pushed document gets; always `stats.docs_in`.
     pub next_seq: u64,
     pub finished: bool,
-    /// Buffered documents as `(arrival number, tokens)`, in arrival order.
-    pub buffer: Vec<(u64, Vec<u32>)>,
-    /// Pending documents in arrival order; their arrival numbers are the last
+    /// Buffered documents as `(arrival number, tokens, mask)`, in arrival order.
+    pub buffer: Vec<(u64, Vec<u32>, Option<Vec<u8>>)>,
+    /// Pending documents as `(tokens, mask)` in arrival order; their arrival numbers are the last
     /// `pending.len()` before `next_seq`.
-    pub pending: Vec<Vec<u32>>,
+    pub pending: Vec<(Vec<u32>, Option<Vec<u8>>)>,
 }
+
+/// The encoded text of one held document: its tokens and, when it has one, its mask.
+type DocText = (Arc<str>, Option<Arc<str>>);
 
 /// Base64 text of the documents a packer holds, by arrival number, kept between exports: a
 /// document stays in the packer for many batches and a state is taken after every batch, so
 /// re-encoding every held document each time would dominate the cost of a checkpoint.
 #[derive(Debug, Clone, Default)]
 pub struct DocTexts {
-    by_seq: HashMap<u64, Arc<str>>,
+    by_seq: HashMap<u64, DocText>,
 }
 
 impl DocTexts {
@@ -163,6 +170,29 @@ fn strings(path: &str, value: &Value) -> Result<Vec<Arc<str>>, PackError> {
         .collect()
 }
 
+/// A decoded mask with the text it came from.
+type MaskEntry = (Option<Vec<u8>>, Option<Arc<str>>);
+
+/// The masks of `count` documents under `key`: absent (a state from before masks) means none.
+fn masks(path: &str, value: Option<&Value>, count: usize) -> Result<Vec<MaskEntry>, PackError> {
+    let Some(value) = value else { return Ok(vec![(None, None); count]) };
+    let items = list(path, value)?;
+    if items.len() != count {
+        return Err(invalid(format!("{path} has {} entries for {count} documents", items.len())));
+    }
+    items
+        .iter()
+        .enumerate()
+        .map(|(i, item)| match item {
+            Value::Null => Ok((None, None)),
+            Value::Str(text) => codec::decode_mask(text)
+                .map(|m| (Some(m), Some(text.clone())))
+                .map_err(|e| invalid(format!("{path}[{i}] is not an encoded mask: {e}"))),
+            other => Err(wrong_type(&format!("{path}[{i}]"), "str or None", other)),
+        })
+        .collect()
+}
+
 fn decode_all(name: &str, texts: &[Arc<str>]) -> Result<Vec<Vec<u32>>, PackError> {
     texts
         .iter()
@@ -177,7 +207,7 @@ impl PackerState {
     /// Parse a state exported by [`Packer::state_value`], checking every key's type and range
     /// (wrong types are [`PackError::StateType`], everything else [`PackError::InvalidState`]).
     /// Also returns the encoded text of the buffered then the pending documents, as given.
-    pub fn from_value(value: &Value) -> Result<(PackerState, Vec<Arc<str>>), PackError> {
+    pub fn from_value(value: &Value) -> Result<(PackerState, Vec<DocText>), PackError> {
         let Value::Map(entries) = value else {
             return Err(PackError::StateType(format!(
                 "state must be a dict from state_dict(), got {}",
@@ -209,6 +239,11 @@ impl PackerState {
             buffer_size: usize_field(&path("buffer_size"), field("buffer_size"))?,
             audio_prefix_len: usize_field(&path("audio_prefix_len"), field("audio_prefix_len"))?,
             bos_token_id,
+            mode: match Value::get(entries, "mode") {
+                None => PackMode::Crop,
+                Some(Value::Str(name)) => PackMode::from_name(name).map_err(|e| invalid(format!("state['mode']: {e}")))?,
+                Some(other) => return Err(wrong_type(&path("mode"), "a str", other)),
+            },
         };
         let finished = match field("finished") {
             Value::Bool(b) => *b,
@@ -220,6 +255,8 @@ impl PackerState {
                 let names = Stats::default().named().map(|(name, _)| name);
                 Stats::from_named(|name| match Value::get(stat_entries.as_slice(), name) {
                     Some(v) => uint(&format!("state['stats']['{name}']"), v, u64::MAX),
+                    // States saved before pad mode existed padded nothing.
+                    None if name == "tokens_padded" => Ok(0),
                     None => Err(invalid(format!("state['stats'] must be a dict with keys {names:?}"))),
                 })?
             }
@@ -239,10 +276,23 @@ impl PackerState {
                 buffer_texts.len()
             )));
         }
-        let buffer = buffer_seqs.into_iter().zip(decode_all("buffer_docs", &buffer_texts)?).collect();
-        let pending = decode_all("pending_docs", &pending_texts)?;
-        let mut texts = buffer_texts;
-        texts.extend(pending_texts);
+        let buffer_masks = masks(&path("buffer_masks"), Value::get(entries, "buffer_masks"), buffer_texts.len())?;
+        let pending_masks = masks(&path("pending_masks"), Value::get(entries, "pending_masks"), pending_texts.len())?;
+        let buffer_tokens = decode_all("buffer_docs", &buffer_texts)?;
+        let pending_tokens = decode_all("pending_docs", &pending_texts)?;
+        let mut texts = Vec::with_capacity(buffer_texts.len() + pending_texts.len());
+        let mut buffer = Vec::with_capacity(buffer_texts.len());
+        for (((seq, tokens), text), (mask, mask_text)) in
+            buffer_seqs.into_iter().zip(buffer_tokens).zip(buffer_texts).zip(buffer_masks)
+        {
+            buffer.push((seq, tokens, mask));
+            texts.push((text, mask_text));
+        }
+        let mut pending = Vec::with_capacity(pending_texts.len());
+        for ((tokens, text), (mask, mask_text)) in pending_tokens.into_iter().zip(pending_texts).zip(pending_masks) {
+            pending.push((tokens, mask));
+            texts.push((text, mask_text));
+        }
         Ok((PackerState { config, stats, next_seq, finished, buffer, pending }, texts))
     }
 
@@ -292,7 +342,7 @@ impl PackerState {
                 return Err(invalid("buffered documents must be listed in increasing arrival order"));
             }
         }
-        if let Some(&(last, _)) = self.buffer.last() {
+        if let Some(&(last, _, _)) = self.buffer.last() {
             if last >= first_pending {
                 return Err(invalid(format!(
                     "buffered document {last} did not arrive before the pending ones (from {first_pending})"
@@ -303,8 +353,20 @@ impl PackerState {
     }
 
     fn validate_documents(&self) -> Result<(), PackError> {
-        let docs = self.buffer.iter().map(|(_, t)| t).chain(&self.pending);
-        for (i, tokens) in docs.enumerate() {
+        let docs = self.buffer.iter().map(|(_, t, m)| (t, m)).chain(self.pending.iter().map(|(t, m)| (t, m)));
+        for (i, (tokens, mask)) in docs.enumerate() {
+            if let Some(mask) = mask {
+                if mask.len() != tokens.len() {
+                    return Err(invalid(format!(
+                        "held document {i} has {} tokens but a mask of {}",
+                        tokens.len(),
+                        mask.len()
+                    )));
+                }
+                if mask.iter().any(|&m| m > 1) {
+                    return Err(invalid(format!("held document {i} has a mask value other than 0 or 1")));
+                }
+            }
             match (tokens.first(), self.config.bos_token_id) {
                 (None, _) => return Err(invalid(format!("held document {i} is empty"))),
                 (Some(&first), Some(bos)) if first != bos => {
@@ -327,12 +389,24 @@ impl PackerState {
             )));
         }
         let held_tokens: u128 =
-            self.buffer.iter().map(|(_, t)| t.len() as u128).chain(self.pending.iter().map(|t| t.len() as u128)).sum();
+            self.buffer.iter().map(|(_, t, _)| t.len() as u128).chain(self.pending.iter().map(|(t, _)| t.len() as u128)).sum();
         let tokens_out = u128::from(s.tokens_placed) + u128::from(s.tokens_cropped);
         if u128::from(s.tokens_in) != tokens_out + held_tokens {
             return Err(invalid(format!(
                 "tokens_in ({}) != tokens_placed + tokens_cropped + held tokens ({tokens_out} + {held_tokens})",
                 s.tokens_in
+            )));
+        }
+        // Padding only ever fills positions of packed rows, and only in pad mode.
+        let most_padding = match self.config.mode {
+            PackMode::Crop => 0,
+            PackMode::Pad => u128::from(s.rows_packed) * self.config.row_capacity() as u128,
+        };
+        if u128::from(s.tokens_padded) > most_padding {
+            return Err(invalid(format!(
+                "tokens_padded ({}) exceeds the {most_padding} positions a {} packer could have padded",
+                s.tokens_padded,
+                self.config.mode.name()
             )));
         }
         Ok(())
@@ -355,8 +429,8 @@ impl Packer {
             stats: self.stats(),
             next_seq: self.next_seq(),
             finished: self.is_finished(),
-            buffer: self.buffered_docs().into_iter().map(|(seq, t)| (seq, t.to_vec())).collect(),
-            pending: self.pending_docs().map(|(_, t)| t.to_vec()).collect(),
+            buffer: self.buffered_docs().into_iter().map(|(seq, t, m)| (seq, t.to_vec(), m.map(<[u8]>::to_vec))).collect(),
+            pending: self.pending_docs().map(|(_, t, m)| (t.to_vec(), m.map(<[u8]>::to_vec))).collect(),
         }
     }
 
@@ -364,12 +438,20 @@ impl Packer {
     pub fn from_state(state: PackerState) -> Result<Packer, PackError> {
         state.validate()?;
         let first_pending = state.next_seq - state.pending.len() as u64;
-        let buffer = state.buffer.into_iter().map(|(seq, t)| Doc { seq, tokens: t.into_boxed_slice() }).collect();
+        let buffer = state
+            .buffer
+            .into_iter()
+            .map(|(seq, t, m)| Doc { seq, tokens: t.into_boxed_slice(), mask: m.map(Vec::into_boxed_slice) })
+            .collect();
         let pending = state
             .pending
             .into_iter()
             .enumerate()
-            .map(|(i, t)| Doc { seq: first_pending + i as u64, tokens: t.into_boxed_slice() })
+            .map(|(i, (t, m))| Doc {
+                seq: first_pending + i as u64,
+                tokens: t.into_boxed_slice(),
+                mask: m.map(Vec::into_boxed_slice),
+            })
             .collect();
         Ok(Packer::from_parts(state.config, state.stats, state.finished, buffer, pending))
     }
@@ -379,29 +461,34 @@ impl Packer {
     pub fn state_value(&self, texts: &mut DocTexts) -> Value {
         let config = self.config();
         let mut old = std::mem::take(&mut texts.by_seq);
-        let mut text_of = |(seq, tokens): (u64, &[u32])| {
-            let text = old.remove(&seq).unwrap_or_else(|| codec::encode_tokens(tokens).into());
-            texts.by_seq.insert(seq, text.clone());
-            Value::Str(text)
+        let mut text_of = |(seq, tokens, mask): DocRef<'_>| {
+            let (text, mask_text) = old.remove(&seq).unwrap_or_else(|| {
+                (codec::encode_tokens(tokens).into(), mask.map(|m| codec::encode_mask(m).into()))
+            });
+            texts.by_seq.insert(seq, (text.clone(), mask_text.clone()));
+            (Value::Str(text), mask_text.map_or(Value::Null, Value::Str))
         };
         let buffered = self.buffered_docs();
-        let buffer_seqs = buffered.iter().map(|&(seq, _)| int(seq)).collect();
-        let buffer_docs = buffered.into_iter().map(&mut text_of).collect();
-        let pending_docs = self.pending_docs().map(&mut text_of).collect();
+        let buffer_seqs = buffered.iter().map(|&(seq, _, _)| int(seq)).collect();
+        let (buffer_docs, buffer_masks): (Vec<Value>, Vec<Value>) = buffered.into_iter().map(&mut text_of).unzip();
+        let (pending_docs, pending_masks): (Vec<Value>, Vec<Value>) = self.pending_docs().map(&mut text_of).unzip();
         let stats = self.stats().named().into_iter().map(|(name, v)| (name.to_string(), int(v))).collect();
-        let entries: [(&str, Value); 12] = [
+        let entries: [(&str, Value); 15] = [
             ("format", Value::Str(STATE_FORMAT.into())),
             ("version", int(STATE_VERSION)),
             ("seq_len", size(config.seq_len)),
             ("buffer_size", size(config.buffer_size)),
             ("audio_prefix_len", size(config.audio_prefix_len)),
             ("bos_token_id", config.bos_token_id.map_or(Value::Null, int)),
+            ("mode", Value::Str(config.mode.name().into())),
             ("finished", Value::Bool(self.is_finished())),
             ("next_seq", int(self.next_seq())),
             ("stats", Value::Map(stats)),
             ("buffer_seqs", Value::List(buffer_seqs)),
             ("buffer_docs", Value::List(buffer_docs)),
             ("pending_docs", Value::List(pending_docs)),
+            ("buffer_masks", Value::List(buffer_masks)),
+            ("pending_masks", Value::List(pending_masks)),
         ];
         Value::Map(entries.into_iter().map(|(k, v)| (k.to_string(), v)).collect())
     }
@@ -419,7 +506,8 @@ impl Packer {
             )));
         }
         let packer = Packer::from_state(state)?;
-        let seqs = packer.buffered_docs().into_iter().map(|(s, _)| s).chain(packer.pending_docs().map(|(s, _)| s));
+        let seqs =
+            packer.buffered_docs().into_iter().map(|(s, _, _)| s).chain(packer.pending_docs().map(|(s, _, _)| s));
         texts.by_seq = seqs.zip(given).collect();
         *self = packer;
         Ok(())
@@ -466,7 +554,7 @@ mod tests {
         let Some(Value::List(docs)) = Value::get(entries, "buffer_docs") else { panic!("buffer_docs") };
         let Value::Str(first) = &docs[0] else { panic!("str") };
         let seq = p.buffered_docs()[0].0;
-        assert!(Arc::ptr_eq(first, &loaded_texts.by_seq[&seq]));
+        assert!(Arc::ptr_eq(first, &loaded_texts.by_seq[&seq].0));
     }
 
     fn edited(value: &Value, key: &str, new: Option<Value>) -> Value {
@@ -515,6 +603,65 @@ mod tests {
         }
         let not_a_map = PackerState::from_value(&Value::List(vec![])).unwrap_err();
         assert_eq!(not_a_map, PackError::StateType("state must be a dict from state_dict(), got list".into()));
+    }
+
+    fn masked_pad_packer_with_history() -> Packer {
+        let config = PackerConfig::new(5, 3, 0, Some(9)).unwrap().with_mode(PackMode::Pad).unwrap();
+        let mut p = Packer::new(config).unwrap();
+        let tokens = [9, 1, 2, 9, 3, 9, 4, 5, 6, 7, 9, 8, 9];
+        p.push_masked(&tokens[..10], &[0, 3, 5, 10], Some(&[0, 1, 1, 0, 1, 0, 0, 1, 1, 1])).unwrap();
+        p.push(&tokens[10..], &[0, 2, 3]).unwrap();
+        let (mut inputs, mut targets) = (vec![0; 5], vec![0; 5]);
+        assert!(p.pack_into(&mut inputs, &mut targets).unwrap());
+        p
+    }
+
+    #[test]
+    fn masks_mode_and_padding_roundtrip() {
+        let p = masked_pad_packer_with_history();
+        assert!(p.stats().tokens_padded > 0);
+        assert!(p.buffered_docs().iter().any(|&(_, _, m)| m.is_some()));
+        let mut texts = DocTexts::default();
+        let value = p.state_value(&mut texts);
+        let mut q = Packer::new(*p.config()).unwrap();
+        q.load_state_value(&value, &mut DocTexts::default()).unwrap();
+        assert_eq!(q.state(), p.state());
+        assert_eq!(format!("{q:?}"), format!("{p:?}"));
+        let mut too_much_padding = p.state();
+        too_much_padding.stats.tokens_padded = too_much_padding.stats.rows_packed * 6 + 1;
+        assert!(matches!(Packer::from_state(too_much_padding), Err(PackError::InvalidState(_))));
+        // A crop-mode packer must not take a pad-mode state.
+        let mut crop = Packer::new(PackerConfig { mode: PackMode::Crop, ..*p.config() }).unwrap();
+        let err = crop.load_state_value(&value, &mut DocTexts::default()).unwrap_err();
+        assert!(err.to_string().contains("state was saved by a packer with"), "{err}");
+        let bad = [
+            ("mode", Value::Str("padded".into()), "state['mode']: invalid packer configuration: mode must be"),
+            ("buffer_masks", Value::List(vec![]), "state['buffer_masks'] has 0 entries for 3 documents"),
+            ("buffer_masks", Value::List(vec![Value::Str("Ag==".into()), Value::Null, Value::Null]), "state['buffer_masks'][0] is not an encoded mask"),
+        ];
+        for (key, new, msg) in bad {
+            match PackerState::from_value(&edited(&value, key, Some(new))) {
+                Err(PackError::InvalidState(text)) => assert!(text.starts_with(msg), "{text} vs {msg}"),
+                other => panic!("{key}: expected InvalidState({msg}), got {other:?}"),
+            }
+        }
+        let wrong = PackerState::from_value(&edited(&value, "pending_masks", Some(Value::List(vec![Value::Int(1)]))));
+        assert_eq!(wrong.unwrap_err(), PackError::StateType("state['pending_masks'][0] must be str or None, got int".into()));
+    }
+
+    #[test]
+    fn states_from_before_masks_load_as_crop_mode() {
+        let p = packer_with_history();
+        let mut value = p.state_value(&mut DocTexts::default());
+        for key in ["mode", "buffer_masks", "pending_masks"] {
+            value = edited(&value, key, None);
+        }
+        let Value::Map(entries) = &mut value else { panic!("state is a map") };
+        let Some((_, Value::Map(stats))) = entries.iter_mut().find(|(k, _)| k == "stats") else { panic!("stats") };
+        stats.retain(|(k, _)| k != "tokens_padded");
+        let (state, _) = PackerState::from_value(&value).unwrap();
+        assert_eq!(state, p.state());
+        assert_eq!(state.config.mode, PackMode::Crop);
     }
 
     #[test]
@@ -578,7 +725,7 @@ mod tests {
         s.buffer.reverse();
         cases.push(s);
         let mut s = good.clone();
-        s.pending.push(vec![9]);
+        s.pending.push((vec![9], None));
         cases.push(s);
         let mut s = good.clone();
         s.buffer[0].1[0] = 1;
@@ -589,8 +736,17 @@ mod tests {
         let mut s = good.clone();
         s.config.audio_prefix_len = s.config.seq_len;
         cases.push(s);
-        let mut s = good;
+        let mut s = good.clone();
         s.buffer[0].1.clear();
+        cases.push(s);
+        let mut s = good.clone();
+        s.buffer[0].2 = Some(vec![1]); // shorter than its document
+        cases.push(s);
+        let mut s = good.clone();
+        s.stats.tokens_padded = 1; // a crop-mode packer never pads
+        cases.push(s);
+        let mut s = good;
+        s.pending[0].1 = Some(vec![2; s.pending[0].0.len()]);
         cases.push(s);
         for s in cases {
             assert!(matches!(Packer::from_state(s.clone()), Err(PackError::InvalidState(_))), "{s:?}");

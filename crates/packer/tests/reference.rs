@@ -1,21 +1,26 @@
 //! Differential property tests: the packer against a slow, obviously-correct list-scan reference.
 
-use nanochat_packer::{PackError, Packer, PackerConfig, PackerState};
+use nanochat_packer::{PackError, PackMode, Packer, PackerConfig, PackerState};
 use proptest::prelude::*;
 
 const BOS: u32 = 7;
 
+/// A document as the reference sees it: `(token, mask)` pairs.
+type RefDoc = Vec<(u32, u8)>;
+
 /// The rules, written as directly as possible: a buffer in arrival order, scanned linearly.
 struct Reference {
     config: PackerConfig,
-    pending: std::collections::VecDeque<Vec<u32>>,
-    buffer: Vec<Vec<u32>>,
+    pending: std::collections::VecDeque<RefDoc>,
+    buffer: Vec<RefDoc>,
     finished: bool,
+    /// Padding positions in the rows produced so far.
+    padded: u64,
 }
 
 impl Reference {
     fn new(config: PackerConfig) -> Self {
-        Reference { config, pending: Default::default(), buffer: Vec::new(), finished: false }
+        Reference { config, pending: Default::default(), buffer: Vec::new(), finished: false, padded: 0 }
     }
 
     fn ready(&mut self) -> bool {
@@ -32,13 +37,19 @@ impl Reference {
         }
     }
 
-    /// One full row of `row_capacity` tokens, or None (and no change) when the stream runs dry.
-    fn row(&mut self) -> Option<Vec<u32>> {
+    /// One full row of `row_capacity` positions (`None`: padding), or None (and no change) when
+    /// the stream runs dry.
+    fn row(&mut self) -> Option<Vec<Option<(u32, u8)>>> {
         let (saved_pending, saved_buffer) = (self.pending.clone(), self.buffer.clone());
         let capacity = self.config.row_capacity();
+        let pad = self.config.mode == PackMode::Pad;
         let mut row = Vec::new();
         while row.len() < capacity {
             if !self.ready() {
+                if pad && self.finished && !row.is_empty() {
+                    row.resize(capacity, None);
+                    break;
+                }
                 self.pending = saved_pending;
                 self.buffer = saved_buffer;
                 return None;
@@ -50,6 +61,10 @@ impl Reference {
                     best = Some(i);
                 }
             }
+            if best.is_none() && pad && !row.is_empty() {
+                row.resize(capacity, None);
+                break;
+            }
             let index = best.unwrap_or_else(|| {
                 let mut shortest = 0;
                 for (i, doc) in self.buffer.iter().enumerate() {
@@ -60,8 +75,9 @@ impl Reference {
                 shortest
             });
             let doc = self.buffer.remove(index);
-            row.extend_from_slice(&doc[..doc.len().min(remaining)]);
+            row.extend(doc[..doc.len().min(remaining)].iter().copied().map(Some));
         }
+        self.padded += row.iter().filter(|p| p.is_none()).count() as u64;
         Some(row)
     }
 }
@@ -86,11 +102,19 @@ fn flatten(docs: &[Vec<u32>]) -> (Vec<u32>, Vec<i64>) {
     (docs.concat(), offsets)
 }
 
-fn expected_views(config: &PackerConfig, row: &[u32]) -> (Vec<i64>, Vec<i64>) {
-    let row: Vec<i64> = row.iter().map(|&t| i64::from(t)).collect();
+/// The mask of token `j` of document `id` in a masked push: a fixed, irregular 0/1 pattern.
+fn mask_bit(id: usize, j: usize) -> u8 {
+    u8::from((id * 7 + j * 3) % 5 < 3)
+}
+
+fn expected_views(config: &PackerConfig, row: &[Option<(u32, u8)>]) -> (Vec<i64>, Vec<i64>) {
+    let inputs = row[..config.text_len()].iter().map(|p| p.map_or(i64::from(BOS), |(t, _)| i64::from(t))).collect();
     let mut targets = vec![-1i64; config.audio_prefix_len];
-    targets.extend_from_slice(&row[1..]);
-    (row[..config.text_len()].to_vec(), targets)
+    targets.extend(row[1..].iter().map(|p| match *p {
+        Some((t, 1)) => i64::from(t),
+        _ => -1,
+    }));
+    (inputs, targets)
 }
 
 #[derive(Debug, Clone)]
@@ -98,19 +122,24 @@ struct Scenario {
     config: PackerConfig,
     /// Document lengths for each push.
     pushes: Vec<Vec<usize>>,
+    /// Whether each push carries a loss mask (cycled over the pushes).
+    masked: Vec<bool>,
     batch: usize,
 }
 
 fn scenario() -> impl Strategy<Value = Scenario> {
-    (1usize..24, 0usize..4, 1usize..6, 1usize..4)
-        .prop_flat_map(|(text_len, audio, buffer_size, batch)| {
+    let modes = prop_oneof![Just(PackMode::Crop), Just(PackMode::Pad)];
+    let masked = prop_oneof![Just(vec![false]), Just(vec![true]), Just(vec![true, false])];
+    (1usize..24, 0usize..4, 1usize..6, 1usize..4, modes, masked)
+        .prop_flat_map(|(text_len, audio, buffer_size, batch, mode, masked)| {
             let lengths = proptest::collection::vec(1usize..3 * text_len + 4, 0..12);
-            (Just((text_len, audio, buffer_size, batch)), proptest::collection::vec(lengths, 1..6))
+            (Just((text_len, audio, buffer_size, batch, mode, masked)), proptest::collection::vec(lengths, 1..6))
         })
-        .prop_map(|((text_len, audio, buffer_size, batch), pushes)| Scenario {
-            config: PackerConfig::new(text_len + audio, buffer_size, audio, Some(BOS)).unwrap(),
-            pushes,
-            batch,
+        .prop_map(|((text_len, audio, buffer_size, batch, mode, masked), pushes)| {
+            // Pad mode takes no audio prefix.
+            let audio = if mode == PackMode::Pad { 0 } else { audio };
+            let config = PackerConfig::new(text_len + audio, buffer_size, audio, Some(BOS)).unwrap();
+            Scenario { config: config.with_mode(mode).unwrap(), pushes, masked, batch }
         })
 }
 
@@ -122,12 +151,13 @@ fn try_batch(p: &mut Packer, batch: usize) -> Option<(Vec<i64>, Vec<i64>)> {
 }
 
 fn reference_batch(r: &mut Reference, batch: usize) -> Option<(Vec<i64>, Vec<i64>)> {
-    let (saved_pending, saved_buffer) = (r.pending.clone(), r.buffer.clone());
+    let (saved_pending, saved_buffer, saved_padded) = (r.pending.clone(), r.buffer.clone(), r.padded);
     let (mut inputs, mut targets) = (Vec::new(), Vec::new());
     for _ in 0..batch {
         let Some(row) = r.row() else {
             r.pending = saved_pending;
             r.buffer = saved_buffer;
+            r.padded = saved_padded;
             return None;
         };
         let (i, t) = expected_views(&r.config, &row);
@@ -146,10 +176,17 @@ fn run_against_reference(s: &Scenario, mut after_batch: impl FnMut(&mut Packer))
     let mut pushed = 0;
     for (k, lengths) in s.pushes.iter().enumerate() {
         let docs = docs_from_lengths(lengths, pushed);
-        pushed += docs.len();
         let (tokens, offsets) = flatten(&docs);
-        p.push(&tokens, &offsets).unwrap();
-        r.pending.extend(docs);
+        if s.masked[k % s.masked.len()] {
+            let masks: Vec<Vec<u8>> =
+                docs.iter().enumerate().map(|(i, d)| (0..d.len()).map(|j| mask_bit(pushed + i, j)).collect()).collect();
+            p.push_masked(&tokens, &offsets, Some(&masks.concat())).unwrap();
+            r.pending.extend(docs.iter().zip(&masks).map(|(d, m)| d.iter().copied().zip(m.iter().copied()).collect()));
+        } else {
+            p.push(&tokens, &offsets).unwrap();
+            r.pending.extend(docs.iter().map(|d| d.iter().map(|&t| (t, 1)).collect()));
+        }
+        pushed += docs.len();
         if k + 1 == s.pushes.len() {
             p.finish();
             r.finished = true;
@@ -173,6 +210,7 @@ fn run_against_reference(s: &Scenario, mut after_batch: impl FnMut(&mut Packer))
     let st = p.stats();
     let held = (p.tokens_buffered() + p.tokens_pending()) as u64;
     assert_eq!(st.tokens_in, st.tokens_placed + st.tokens_cropped + held);
+    assert_eq!(st.tokens_padded, r.padded);
     produced
 }
 
@@ -196,8 +234,10 @@ proptest! {
     fn push_granularity_does_not_matter(s in scenario()) {
         // The same documents pushed one at a time give the same rows.
         let lengths: Vec<usize> = s.pushes.concat();
-        let single = Scenario { pushes: lengths.iter().map(|&l| vec![l]).collect(), ..s.clone() };
-        let all_at_once = Scenario { pushes: vec![lengths], ..s };
+        // Masks depend on the document, not the push, once every push is masked (or none is).
+        let masked = vec![s.masked[0]];
+        let single = Scenario { pushes: lengths.iter().map(|&l| vec![l]).collect(), masked: masked.clone(), ..s.clone() };
+        let all_at_once = Scenario { pushes: vec![lengths], masked, ..s };
         prop_assert_eq!(run_against_reference(&single, |_| {}), run_against_reference(&all_at_once, |_| {}));
     }
 }
@@ -210,7 +250,7 @@ fn bad_states_do_not_load() {
         stats: Default::default(),
         next_seq: 0,
         finished: false,
-        buffer: vec![(0, vec![BOS])],
+        buffer: vec![(0, vec![BOS], None)],
         pending: vec![],
     };
     assert!(matches!(Packer::from_state(state), Err(PackError::InvalidState(_))));
