@@ -296,7 +296,6 @@ def load_model(directory: str | os.PathLike[str], device: str | torch.device,
     """Rebuild the model of a checkpoint (eval mode) and the tokenizer it was trained with."""
     from nanochat_rs.gpt import build_model
     from nanochat_rs.memory import check_fits, inference_memory_bytes
-    from nanochat_rs.tokenizer import Tokenizer
 
     model_state, _, meta = load_checkpoint(directory, step, device=device, load_optimizer=False)
     config = model_config_from_meta(meta["model_config"])
@@ -307,13 +306,22 @@ def load_model(directory: str | os.PathLike[str], device: str | torch.device,
     except RuntimeError as e:
         raise CheckpointError(f"checkpoint weights do not fit the model: {str(e).splitlines()[0]}") from None
     model.eval()
-    tokenizer_dir = checkpoint_tokenizer_dir(step_dir(directory, meta["step"]), meta)
+    tokenizer = load_checkpoint_tokenizer(step_dir(directory, meta["step"]), meta, model.config.vocab_size)
+    return model, tokenizer, meta
+
+
+def load_checkpoint_tokenizer(step_directory: Path, meta: dict[str, Any], vocab_size: int) -> Tokenizer:
+    """The tokenizer stored with a checkpoint step, checked to be the one the model was trained with
+    (its fingerprint) and to match the model's vocabulary."""
+    from nanochat_rs.tokenizer import Tokenizer
+
+    tokenizer_dir = checkpoint_tokenizer_dir(step_directory, meta)
     expected_id = meta.get("tokenizer_id")
     if expected_id is not None and tokenizer_fingerprint(tokenizer_dir) != expected_id:
         raise CheckpointError(f"the tokenizer in {tokenizer_dir} is not the one this model was trained with "
                               "(its files changed since the checkpoint was written)")
     tokenizer = Tokenizer.load(tokenizer_dir)
-    if tokenizer.vocab_size != model.config.vocab_size:
-        raise CheckpointError(f"tokenizer vocab {tokenizer.vocab_size} != model vocab "
-                              f"{model.config.vocab_size}")
-    return model, tokenizer, meta
+    if tokenizer.vocab_size != vocab_size:
+        raise CheckpointError(f"the tokenizer in {tokenizer_dir} has {tokenizer.vocab_size} tokens, "
+                              f"the model {vocab_size}")
+    return tokenizer

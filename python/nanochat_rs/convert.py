@@ -298,21 +298,6 @@ def from_nanochat(source: str | os.PathLike[str], output: str | os.PathLike[str]
     return save_checkpoint(output, step, model, None, meta, tokenizer=tokenizer)
 
 
-def _checkpoint_tokenizer(step_directory: Path, meta: dict[str, Any], vocab_size: int) -> Tokenizer:
-    """The tokenizer stored with one of our checkpoints, checked as `checkpoint.load_model` checks it."""
-    from nanochat_rs.checkpoint import checkpoint_tokenizer_dir, tokenizer_fingerprint
-
-    directory = checkpoint_tokenizer_dir(step_directory, meta)
-    expected_id = meta.get("tokenizer_id")
-    if expected_id is not None and tokenizer_fingerprint(directory) != expected_id:
-        raise CheckpointError(f"the tokenizer in {directory} is not the one this model was trained with "
-                              "(its files changed since the checkpoint was written)")
-    tokenizer = Tokenizer.load(directory)
-    if tokenizer.vocab_size != vocab_size:
-        raise CheckpointError(f"the tokenizer in {directory} has {tokenizer.vocab_size} tokens, the model {vocab_size}")
-    return tokenizer
-
-
 def _tokenizer_to_write(directory: Path, tokenizer: Tokenizer, force: bool) -> bool:
     """Whether to write `tokenizer` into nanochat's tokenizer `directory`: not when the same one is
     already there (converting a second step of a model), never over a different one without `force`."""
@@ -338,7 +323,7 @@ def to_nanochat(source: str | os.PathLike[str], output: str | os.PathLike[str], 
     (default: output/tokenizer); return the model file. Existing files are replaced only with `force`."""
     import torch
 
-    from nanochat_rs.checkpoint import load_checkpoint, model_config_from_meta, step_dir
+    from nanochat_rs.checkpoint import load_checkpoint, load_checkpoint_tokenizer, model_config_from_meta, step_dir
 
     _check_step(step)
     model_state, _, meta = load_checkpoint(source, step, device="cpu", load_optimizer=False)
@@ -346,7 +331,7 @@ def to_nanochat(source: str | os.PathLike[str], output: str | os.PathLike[str], 
     source_step = step_dir(source, step)
     config = model_config_from_meta(meta["model_config"])
     _check_state(model_state, config, source_step)
-    tokenizer = _checkpoint_tokenizer(source_step, meta, config.vocab_size)
+    tokenizer = load_checkpoint_tokenizer(source_step, meta, config.vocab_size)
 
     output = Path(output)
     model_path, meta_path = output / _model_name(step), output / _meta_name(step)
