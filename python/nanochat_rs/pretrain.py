@@ -26,6 +26,8 @@ from __future__ import annotations
 import collections
 import contextlib
 import math
+import shutil
+import tempfile
 import time
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -277,9 +279,6 @@ def compile_available(device: torch.device) -> str | None:
 def ensure_writable(run_dir: Path, needed_bytes: int) -> None:
     """Check before training (not after it) that checkpoints can be written: a clear error now instead
     of a run whose result cannot be saved."""
-    import shutil
-    import tempfile
-
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=run_dir, prefix=".write-probe-"):
