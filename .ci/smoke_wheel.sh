@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Smoke-test a built wheel as a user would get it: install it into a fresh venv outside the source
 # tree, then, from a directory outside the tree, run the console entry points on a tiny job:
-# train a tokenizer on the embedded corpus, pack a batch, take one training step, answer one prompt.
+# train a tokenizer on the embedded corpus, pack a batch, take one training step, one fine-tuning step,
+# answer one prompt, evaluate the tokenizer and write the report card.
 #
 #   .ci/smoke_wheel.sh target/wheels/nanochat_rs-*.whl
 #
@@ -51,10 +52,12 @@ assert nanochat_rs.__version__ not in ("", "0+unknown"), nanochat_rs.__version__
 print(f"nanochat_rs {nanochat_rs.__version__} from {Path(nanochat_rs.__file__).parent}")
 EOF
 
-for job in nanochat-tok-train nanochat-train nanochat-chat nanochat-data nanochat-convert; do
+jobs=(nanochat-tok-train nanochat-train nanochat-sft nanochat-chat nanochat-eval nanochat-data nanochat-convert
+      nanochat-tok-eval nanochat-report)
+for job in "${jobs[@]}"; do
     "$job" --help > /dev/null || { echo "error: $job --help failed" >&2; exit 1; }
 done
-echo "entry points answer --help: nanochat-tok-train nanochat-train nanochat-chat nanochat-data nanochat-convert"
+echo "entry points answer --help: ${jobs[*]}"
 
 echo "== smoke: nanochat-tok-train (tiny vocab, embedded corpus) =="
 nanochat-tok-train --vocab-size 512 --max-chars 2000000
@@ -91,7 +94,23 @@ if [[ -z "$(find "$NANOCHAT_BASE_DIR/base_checkpoints" -name model.pt)" ]]; then
     exit 1
 fi
 
-echo "== smoke: nanochat-chat (one prompt) =="
-nanochat-chat -p "Hello" --max-tokens 8 --temperature 0
+echo "== smoke: nanochat-sft (one step on embedded conversations) =="
+nanochat-sft --tasks arithmetic,identity --max-examples 8 --num-iterations 1 --eval-every 0 --eval-tokens 256 \
+    --eval-examples 1 --no-compile
+if [[ -z "$(find "$NANOCHAT_BASE_DIR/chat_checkpoints" -name model.pt)" ]]; then
+    echo "error: nanochat-sft wrote no checkpoint" >&2
+    exit 1
+fi
+
+echo "== smoke: nanochat-chat (one prompt, the chat model) =="
+nanochat-chat -p "What is 2+2?" --max-tokens 8 --temperature 0
+
+echo "== smoke: nanochat-eval (embedded tasks, offline) =="
+nanochat-eval --source chat --tasks arithmetic,identity --max-per-task 2 --max-tokens 16
+
+echo "== smoke: nanochat-tok-eval, nanochat-report =="
+nanochat-tok-eval --baselines
+nanochat-report
+test -f "$NANOCHAT_BASE_DIR/report/report.md"
 
 echo "wheel smoke passed"

@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,7 +21,7 @@ import torch
 from nanochat_rs import chat as chat_module
 from nanochat_rs import checkpoint
 from nanochat_rs.checkpoint import load_model, save_checkpoint
-from nanochat_rs.conversation import render_for_completion
+from nanochat_rs.conversation import readable_reply, render_for_completion
 from nanochat_rs.engine import Engine
 from nanochat_rs.gpt import GPTConfig, build_model
 from nanochat_rs.tokenizer import Tokenizer
@@ -32,7 +33,7 @@ MAX_TOKENS = 12
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A NANOCHAT_BASE_DIR holding a tokenizer and one tiny random checkpoint under checkpoints/d2."""
+    """A NANOCHAT_BASE_DIR holding a tokenizer and one tiny random checkpoint under chat_checkpoints/d2."""
     root = tmp_path_factory.mktemp("base")
     tokenizer = Tokenizer.train(["hello there, how are you? fine thanks. what is two plus two? four."] * 20,
                                 vocab_size=256 + 9 + 40)
@@ -47,14 +48,14 @@ def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
                 param.copy_(torch.randn(param.shape, generator=generator) / math.sqrt(param.shape[-1]))
         for name in ("<|assistant_end|>", "<|bos|>"):  # never stop early: answers reach MAX_TOKENS
             model.lm_head.weight[tokenizer.encode_special(name)] = 0.0
-    save_checkpoint(root / "checkpoints" / "d2", 1, model, None,
+    save_checkpoint(root / "chat_checkpoints" / "d2", 1, model, None,
                     {"dataloader_state": None, "tokenizer_dir": str(root / "tokenizer")})
     return root
 
 
 @pytest.fixture(scope="module")
 def reference(base: Path) -> tuple[Engine, Tokenizer]:
-    model, tokenizer, _ = load_model(base / "checkpoints" / "d2", "cpu")
+    model, tokenizer, _ = load_model(base / "chat_checkpoints" / "d2", "cpu")
     return Engine(model, tokenizer), tokenizer
 
 
@@ -99,10 +100,10 @@ def run_chat(base: Path, *args: str, stdin: str = "", entry: tuple[str, ...] = M
 @pytest.mark.parametrize("entry", [MODULE, WRAPPER], ids=["module", "wrapper"])
 def test_one_shot_prompt_prints_the_engine_answer(base: Path, reference: tuple[Engine, Tokenizer],
                                                   entry: tuple[str, ...]) -> None:
-    result = run_chat(base, "--checkpoint", str(base / "checkpoints" / "d2"), "-p", "hello there", entry=entry)
+    result = run_chat(base, "--checkpoint", str(base / "chat_checkpoints" / "d2"), "-p", "hello there", entry=entry)
     assert result.returncode == 0, result.stderr
     _, reply = first_turn(reference, "hello there")
-    answer = reference[1].decode(reply)
+    answer = readable_reply(reference[1], reply)
     assert answer.strip(), "the test model should say something"
     assert result.stdout == answer + "\n"
 
@@ -111,7 +112,7 @@ def test_interactive_session_from_piped_stdin(base: Path, reference: tuple[Engin
     """Default checkpoint discovery, 'clear' resetting the conversation, 'quit' leaving."""
     result = run_chat(base, stdin="hello there\nclear\nhello there\nquit\n")
     assert result.returncode == 0, result.stderr
-    answer = reference[1].decode(first_turn(reference, "hello there")[1])
+    answer = readable_reply(reference[1], first_turn(reference, "hello there")[1])
     # after 'clear' the same question in a fresh conversation gets the same greedy answer
     assert result.stdout.count(f"Assistant: {answer}\n") == 2
     assert "(conversation cleared)" in result.stdout
@@ -126,8 +127,8 @@ def test_second_turn_sees_the_first(base: Path, reference: tuple[Engine, Tokeniz
     second_prompt = [*prompt, *first, sp("<|assistant_end|>"), sp("<|user_start|>"),
                      *tokenizer.encode("how are you"), sp("<|user_end|>"), sp("<|assistant_start|>")]
     second = greedy_reply(reference, second_prompt)
-    assert f"Assistant: {tokenizer.decode(first)}\n" in result.stdout
-    assert f"Assistant: {tokenizer.decode(second)}\n" in result.stdout
+    assert f"Assistant: {readable_reply(tokenizer, first)}\n" in result.stdout
+    assert f"Assistant: {readable_reply(tokenizer, second)}\n" in result.stdout
     fresh = first_turn(reference, "how are you")[1]
     assert second != fresh, "the model should answer differently with the first turn in its context"
 
@@ -152,24 +153,49 @@ def test_no_input_ends_the_session_quietly(base: Path, stdin: str) -> None:
     assert result.stdout.startswith("nanochat_rs chat.") and "Assistant:" not in result.stdout
 
 
-def test_default_checkpoint_is_the_most_recently_written(tmp_path: Path) -> None:
+def write_marker(root: Path, run: str, step: int, mtime: int) -> None:
+    marker = root / run / f"step_{step:06d}" / "meta.json"
+    marker.parent.mkdir(parents=True)
+    marker.write_text("{}")
+    os.utime(marker, (mtime, mtime))
+
+
+def test_default_checkpoint_is_the_most_recently_written_chat_model(tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
     default_checkpoint_dir = chat_module.default_checkpoint_dir
-
-    def write_marker(run: str, step: int, mtime: int) -> None:
-        marker = tmp_path / run / f"step_{step:06d}" / "meta.json"
-        marker.parent.mkdir(parents=True)
-        marker.write_text("{}")
-        os.utime(marker, (mtime, mtime))
-
-    write_marker("checkpoints/d4", 100, mtime=1_000)
-    write_marker("base_checkpoints/d2", 5, mtime=3_000)
-    write_marker("base_checkpoints/d6", 7, mtime=2_000)
-    (tmp_path / "checkpoints" / "d8" / "step_000009").mkdir(parents=True)  # incomplete: no meta.json
+    write_marker(tmp_path, "base_checkpoints/d2", 5, mtime=3_000)
+    write_marker(tmp_path, "base_checkpoints/d6", 7, mtime=2_000)
+    (tmp_path / "chat_checkpoints" / "d8" / "step_000009").mkdir(parents=True)  # incomplete: no meta.json
+    # no chat model yet: the newest base model, and a note saying so
     assert default_checkpoint_dir(tmp_path) == tmp_path / "base_checkpoints" / "d2"
-    write_marker("checkpoints", 1, mtime=4_000)  # steps directly under the root count too
-    assert default_checkpoint_dir(tmp_path) == tmp_path / "checkpoints"
+    assert "Note: no chat model under" in capsys.readouterr().err
+    write_marker(tmp_path, "chat_checkpoints/d4", 100, mtime=1_000)  # older than the base runs: still first
+    assert default_checkpoint_dir(tmp_path) == tmp_path / "chat_checkpoints" / "d4"
+    assert default_checkpoint_dir(tmp_path, "base") == tmp_path / "base_checkpoints" / "d2"
+    write_marker(tmp_path, "chat_checkpoints", 1, mtime=4_000)  # steps directly under the root count too
+    assert default_checkpoint_dir(tmp_path) == tmp_path / "chat_checkpoints"
+    assert capsys.readouterr().err == ""
     with pytest.raises(FileNotFoundError, match="no checkpoints under"):
         default_checkpoint_dir(tmp_path / "empty")
+
+
+def test_without_a_chat_model_the_job_says_it_uses_the_base_model(base: Path, tmp_path: Path,
+                                                                   reference: tuple[Engine, Tokenizer]) -> None:
+    shutil.copytree(base / "chat_checkpoints" / "d2", tmp_path / "base_checkpoints" / "d2")
+    result = run_chat(tmp_path, "-p", "hello there")
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.startswith("Note: no chat model under") and "using the base model" in result.stderr
+    assert result.stdout == readable_reply(reference[1], first_turn(reference, "hello there")[1]) + "\n"
+    assert run_chat(tmp_path, "-p", "hello there", "--source", "base").stderr == ""
+
+
+def test_tool_calls_read_as_text() -> None:
+    tokenizer = Tokenizer.train(["What is 123 * 45? It is 5535."] * 20, vocab_size=256 + 9 + 10)
+    sp = tokenizer.encode_special
+    reply = [sp("<|python_start|>"), *tokenizer.encode("123*45"), sp("<|python_end|>"), sp("<|output_start|>"),
+             *tokenizer.encode("5535"), sp("<|output_end|>"), *tokenizer.encode("123 * 45 = 5535.")]
+    assert readable_reply(tokenizer, reply) == "[calculator] 123*45 -> 5535\n123 * 45 = 5535."
+    assert readable_reply(tokenizer, tokenizer.encode("plain text")) == "plain text"
 
 
 @pytest.mark.parametrize(("option", "match"), [
@@ -226,7 +252,7 @@ def test_reply_cut_off_by_the_context_is_reported(base: Path, reference: tuple[E
     reply = [column[0] for column, _ in engine.generate(prompt, max_tokens=64 - len(prompt), temperature=0.0)]
     result = run_chat(base, "--max-tokens", "100", stdin="hello there\nhow are you\n")
     assert result.returncode == 0, result.stderr
-    assert f"Assistant: {tokenizer.decode(reply)}\n" in result.stdout
+    assert f"Assistant: {readable_reply(tokenizer, reply)}\n" in result.stdout
     assert result.stderr == "(reply cut off: it reached the model's 64-token context)\n"
     # the full context leaves no room for another turn: said plainly, and the session goes on
     assert "(the conversation fills the model's 64-token context; type 'clear')" in result.stdout
@@ -260,7 +286,8 @@ def test_ctrl_c_while_loading_leaves_quietly(base: Path, monkeypatch: pytest.Mon
     monkeypatch.setattr(checkpoint, "load_model", interrupted)
     try:
         with pytest.raises(SystemExit) as exit_info:
-            chat_module.main(["--checkpoint", str(base / "checkpoints" / "d2"), "--device-type", "cpu", "-p", "hi"])
+            chat_module.main(["--checkpoint", str(base / "chat_checkpoints" / "d2"), "--device-type", "cpu",
+                              "-p", "hi"])
     except KeyboardInterrupt:  # caught here, or it would stop the whole test session
         pytest.fail("Ctrl-C while loading escaped main()")
     assert exit_info.value.code == 130

@@ -23,9 +23,14 @@ _CORPUS = ["The quick brown fox jumps over the lazy dog. 12 + 30 = 42, and 7 * 6
            "hello world, how are you today? I am fine, thanks for asking. 1+2+3=6"]
 
 
+def small_tokenizer() -> Tokenizer:
+    """A tokenizer trained in a blink on a tiny corpus with digits and words (shared with test_batching)."""
+    return Tokenizer.train(_CORPUS * 20, vocab_size=256 + 9 + 50)
+
+
 @pytest.fixture(scope="module")
 def tok() -> Tokenizer:
-    return Tokenizer.train(_CORPUS * 20, vocab_size=256 + 9 + 50)
+    return small_tokenizer()
 
 
 def make_model(tok: Tokenizer, *, sequence_len: int = 64, window_pattern: str = "L", n_layer: int = 2,
@@ -179,6 +184,24 @@ def test_the_extreme_allowed_temperatures_sample_real_tokens(temperature: float)
     torch.Generator().manual_seed(MAX_SEED)  # the largest seed the check allows is one torch takes
 
 
+def test_top_p_keeps_the_smallest_nucleus_reaching_p() -> None:
+    """probs 0.5, 0.3, 0.15, 0.05: top_p 0.8 keeps the first two (they reach 0.8), 0.81 needs a third."""
+    logits = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log().expand(4000, -1)
+    for top_p, allowed in ((0.8, {0, 1}), (0.81, {0, 1, 2}), (1e-9, {0}), (1.0, {0, 1, 2, 3})):
+        sampled = sample_next_token(logits, torch.Generator().manual_seed(0), 1.0, top_p=top_p)
+        assert set(sampled.tolist()) == allowed, top_p
+    # the kept tokens keep their relative odds: 0.5 : 0.3
+    sampled = sample_next_token(logits, torch.Generator().manual_seed(1), 1.0, top_p=0.8)
+    assert abs((sampled == 0).float().mean().item() - 0.5 / 0.8) < 0.03
+
+
+def test_a_tiny_top_p_is_greedy(tok: Tokenizer) -> None:
+    engine = Engine(make_model(tok), tok)
+    prompt = random_prompt(tok, 8)
+    greedy = columns(engine.generate(prompt, max_tokens=12, temperature=0.0))[0]
+    assert columns(engine.generate(prompt, max_tokens=12, temperature=1.0, top_p=1e-6, seed=3))[0] == greedy
+
+
 def test_temperature_zero_is_argmax_and_ignores_the_generator() -> None:
     logits = torch.tensor([[0.1, 3.0, -1.0], [5.0, 4.9, 0.0]])
     assert sample_next_token(logits, torch.Generator(), 0.0).tolist() == [1, 0]
@@ -200,8 +223,8 @@ def scripted_sampler(scripts: list[list[int]], filler: int) -> Callable[..., tor
     """A stand-in for sample_next_token: row i 'samples' scripts[i][step] (then `filler` forever)."""
     step = 0
 
-    def sample(logits: torch.Tensor, generator: torch.Generator, temperature: float,
-               top_k: int | None) -> torch.Tensor:
+    def sample(logits: torch.Tensor, generator: torch.Generator, temperature: float, top_k: int | None,
+               top_p: float | None = None) -> torch.Tensor:
         nonlocal step
         assert logits.shape[0] == len(scripts)
         out = [script[step] if step < len(script) else filler for script in scripts]
@@ -307,6 +330,10 @@ def test_the_caller_is_not_left_in_inference_mode(tok: Tokenizer) -> None:
     (dict(temperature=1e308), ValueError, "temperature"),
     (dict(temperature="1"), TypeError, "temperature"),
     (dict(top_k=0), ValueError, "top_k"),
+    (dict(top_p=0.0), ValueError, "top_p"),
+    (dict(top_p=1.5), ValueError, "top_p"),
+    (dict(top_p=float("nan")), ValueError, "top_p"),
+    (dict(top_p="0.9"), TypeError, "top_p"),
     (dict(seed=1.5), TypeError, "seed"),
     (dict(seed=2**64), ValueError, "64 bits"),  # torch.Generator.manual_seed overflows
     (dict(seed=-1), ValueError, "64 bits"),

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from model_helpers import build_gpt, randomise
 from nanochat_rs.common import COMPUTE_DTYPE
 from nanochat_rs.gpt import GPT, GPTConfig, Linear, compute_window_sizes, config_for_depth, padded_vocab_size
+from nanochat_rs.kv_cache import KVCache
 from nanochat_rs.optim import MuonAdamW
 
 TINY = dict(sequence_len=64, vocab_size=100, n_layer=4, n_head=2, n_kv_head=1, n_embd=64)
@@ -171,6 +172,35 @@ def test_loss_is_cross_entropy_ignoring_minus_one() -> None:
         assert not per_token[~keep].any()
         torch.testing.assert_close(model(idx, targets), expected.mean())
         torch.testing.assert_close(model(idx, targets, loss_reduction="sum"), expected.sum())
+
+
+def test_logits_at_returns_the_masked_positions_only_in_row_major_order() -> None:
+    model = randomise(build())
+    idx = token_batch(3, 12, seed=3)
+    mask = token_batch(3, 12, seed=4, vocab=2).bool()
+    with torch.no_grad():
+        full = model(idx)
+        selected = model(idx, logits_at=mask)
+        assert selected.shape == (int(mask.sum()), 100) and 0 < mask.sum() < mask.numel()
+        torch.testing.assert_close(selected, full[mask])
+        assert model(idx, logits_at=torch.zeros_like(mask)).shape == (0, 100)
+        # after a KV-cache prefill the mask covers the new chunk, whose positions continue the cache
+        cache = KVCache.for_model(model.config, batch_size=3, max_seq_len=12, device="cpu")
+        model(idx[:, :5], kv_cache=cache, logits_at=torch.zeros(3, 5, dtype=torch.bool))
+        continued = model(idx[:, 5:], kv_cache=cache, logits_at=mask[:, 5:])
+        torch.testing.assert_close(continued, full[:, 5:][mask[:, 5:]], atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    (dict(logits_at=torch.ones(2, 8, dtype=torch.long)), r"bool mask of shape \(B=2, T_full=8\), got torch.int64"),
+    (dict(logits_at=torch.ones(2, 7, dtype=torch.bool)), r"\(B=2, T_full=8\), got torch.bool \(2, 7\)"),
+    (dict(logits_at=[[True] * 8] * 2), "torch.bool mask .* got list"),
+    (dict(logits_at=torch.ones(2, 8, dtype=torch.bool), last_only=True), "cannot be combined"),
+    (dict(logits_at=torch.ones(2, 8, dtype=torch.bool), targets=token_batch(2, 8)), "cannot be combined"),
+])
+def test_logits_at_must_be_a_boolean_mask_over_the_input(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        build()(token_batch(2, 8), **kwargs)
 
 
 @settings(max_examples=10, deadline=None)

@@ -319,14 +319,31 @@ HUMANEVAL = {"task_id": "HumanEval/0", "prompt": "def add(a, b):\n    \"\"\"Add 
              "entry_point": "add"}
 
 
-def test_humaneval_has_a_reference_but_no_evaluation(hub: FakeHub, tok: Tokenizer) -> None:
+def test_humaneval_judges_completions_by_running_the_tests_in_the_sandbox(hub: FakeHub, tok: Tokenizer) -> None:
     hub.publish("openai/openai_humaneval", "openai_humaneval", "test", [[HUMANEVAL]])
     task = HumanEval()
     assert task[0] == [{"role": "user", "content": HUMANEVAL["prompt"]},
                        {"role": "assistant", "content": HUMANEVAL["prompt"] + "\n" + HUMANEVAL["canonical_solution"]}]
     supervised, _ = supervised_tokens(tok, task[0])
     assert supervised == tok.encode(task[0][1]["content"]) + [tok.encode_special("<|assistant_end|>")]
-    with pytest.raises(TypeError, match="sandbox"):
-        task.evaluate(task[0], "def add(a, b):\n    return a + b")
+    right = {
+        "the reference reply": task[0][1]["content"],
+        "the whole function": "def add(a, b):\n    return a + b\n",
+        "only the body, as HumanEval continues the prompt": HUMANEVAL["canonical_solution"],
+        "fenced code among prose": "Here it is:\n```python\ndef add(a, b):\n    return a + b\n```\nThe sum.",
+    }
+    wrong = {
+        "a wrong function": "def add(a, b):\n    return a - b\n",
+        "prose only": "Just add them.",
+        "exiting before the tests run": "import sys\nsys.exit(0)\n",
+        "wrong code in the first fence": "```python\ndef add(a, b):\n    return a * b\n```\n```python\ndef add(a, b):\n"
+                                         "    return a + b\n```",
+    }
+    assert {name: task.evaluate(task[0], reply) for name, reply in right.items()} == dict.fromkeys(right, True)
+    assert {name: task.evaluate(task[0], reply) for name, reply in wrong.items()} == dict.fromkeys(wrong, False)
+    with pytest.raises(ValueError, match="does not start with the prompt"):
+        task.evaluate([{"role": "user", "content": "def sub(a, b):"}], "def sub(a, b):\n    return a - b")
+    with pytest.raises(TypeError, match="completion must be a str"):
+        task.evaluate(task[0], None)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"\('test',\), got 'train'"):
         HumanEval("train")

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from model_helpers import random_gpt
 from nanochat_rs import kv_cache
 from nanochat_rs.gpt import GPT, GPTConfig, build_model
-from nanochat_rs.kv_cache import KVCache
+from nanochat_rs.kv_cache import KVCache, PagedKVCache
 
 # seq 256 -> short window 128, so sequences of ~200 tokens cross it
 CONFIG = dict(sequence_len=256, vocab_size=100, n_layer=4, n_head=2, n_kv_head=1, n_embd=64, window_pattern="SSSL")
@@ -98,12 +98,34 @@ def test_prefill_replicates_a_batch_one_cache() -> None:
     other_shape = KVCache(batch_size=1, num_kv_heads=1, max_seq_len=6, head_dim=4, num_layers=3, device="cpu")
     with pytest.raises(ValueError, match="geometry"):
         many.prefill(other_shape)
+
     small = KVCache(batch_size=2, num_kv_heads=2, max_seq_len=4, head_dim=4, num_layers=3, device="cpu")
     with pytest.raises(ValueError, match="more than"):
         small.prefill(single)
 
 
 # ---- GPT with a cache == GPT without ----------------------------------------------------------------
+
+
+def test_prefill_from_chosen_rows() -> None:
+    """Row r continues the source's row rows[r] (one shared prefix per item, forked to its choices)."""
+    source = KVCache(batch_size=2, num_kv_heads=1, max_seq_len=6, head_dim=4, num_layers=2, device="cpu",
+                     dtype=torch.float32, n_embd=8)
+    source.k_cache.normal_()
+    source.v_cache.normal_()
+    source.advance(3)
+    source.set_prev_embedding(torch.randn(2, 1, 8))
+    forked = KVCache(batch_size=3, num_kv_heads=1, max_seq_len=8, head_dim=4, num_layers=2, device="cpu",
+                     dtype=torch.float32, n_embd=8)
+    forked.prefill(source, rows=torch.tensor([1, 0, 1]))
+    assert forked.get_pos() == 3 and forked.prev_embedding is not None and source.prev_embedding is not None
+    for row, origin in enumerate([1, 0, 1]):
+        assert torch.equal(forked.k_cache[:, row, :3], source.k_cache[:, origin, :3])
+        assert torch.equal(forked.v_cache[:, row, :3], source.v_cache[:, origin, :3])
+        assert torch.equal(forked.prev_embedding[row], source.prev_embedding[origin])
+    with pytest.raises(ValueError, match="one source row per row"):
+        forked.prefill(source, rows=torch.tensor([0, 1]))
+
 
 
 def incremental_logits(model: GPT, idx: torch.Tensor, chunks: list[int]) -> torch.Tensor:
@@ -203,6 +225,107 @@ def test_cache_errors_are_clear() -> None:
     cache.advance(2)  # positions claimed without going through the model: no smear state
     with pytest.raises(ValueError, match="smear state"):
         model(tokens(1, 1), kv_cache=cache)
+
+
+# ---- the paged cache: rows at their own positions ----------------------------------------------------
+
+
+def new_pool(model: GPT, num_slots: int, num_pages: int = 64, page_size: int = 4) -> PagedKVCache:
+    return PagedKVCache.for_model(model.config, num_slots, num_pages, page_size, 128, "cpu", torch.float32)
+
+
+def windowed_model(seed: int = 0) -> GPT:
+    model = random_model(seed, n_layer=2, window_pattern="SL", sequence_len=128)
+    model.window_sizes = [7, 128]  # so that short sequences cross layer 0's window many times
+    return model
+
+
+def test_paged_allocation_bookkeeping() -> None:
+    pool = PagedKVCache(num_slots=2, num_pages=5, page_size=4, max_seq_len=12, num_kv_heads=1, head_dim=8,
+                        num_layers=3, n_embd=16, device="cpu", dtype=torch.float32)
+    assert pool.k_pages.shape == pool.v_pages.shape == (3, 5, 4, 1, 8)
+    assert pool.page_table.shape == (2, 3) and pool.page_table.dtype == torch.int32
+    assert pool.pages_for(1) == 1 and pool.pages_for(4) == 1 and pool.pages_for(5) == 2
+    first = pool.allocate(9)  # 3 pages
+    assert first == 0 and pool.length(0) == 0 and pool.capacity(0) == 9
+    assert pool.free_slot_count() == 1 and pool.free_page_count() == 2
+    assert not pool.can_allocate(9) and pool.can_allocate(8)
+    with pytest.raises(ValueError, match="no room"):
+        pool.allocate(9)
+    with pytest.raises(ValueError, match="at most 12"):
+        pool.allocate(13)
+    second = pool.allocate(8)
+    assert second == 1 and not pool.can_allocate(1)  # no slot left
+    assert set(pool.page_table[0].tolist()) | set(pool.page_table[1, :2].tolist()) == set(range(5))
+    pool.release(0)
+    assert pool.free_slot_count() == 1 and pool.free_page_count() == 3 and pool.allocate(12) == 0
+    pool.release(1)
+    with pytest.raises(ValueError, match="not allocated"):
+        pool.release(1)
+    with pytest.raises(ValueError, match="slot must be"):
+        pool.length(2)
+
+
+def test_paged_rows_validation() -> None:
+    model = windowed_model()
+    pool = new_pool(model, 3)
+    slot = pool.allocate(5)
+    with pytest.raises(ValueError, match="once per forward"):
+        pool.rows([slot, slot])
+    with pytest.raises(ValueError, match="not allocated"):
+        pool.rows([slot, 2])
+    with pytest.raises(ValueError, match="do not fit the KV cache"):
+        model(tokens(1, 6), kv_cache=pool.rows([slot]))  # 5 positions reserved
+    with pytest.raises(ValueError, match="does not fit"):
+        model(tokens(2, 1), kv_cache=pool.rows([slot]))
+    with pytest.raises(ValueError, match="cannot advance"):
+        pool.rows([slot]).advance(6)
+
+
+def test_rows_at_different_positions_decode_together_like_separate_full_forwards() -> None:
+    """The continuous-batching contract: sequences prefilled separately (in chunks), then decoded one
+    token per row per forward with every row at its own position, give each sequence the logits of
+    its own full forward: rotary positions, window masks and smear state are all per row."""
+    model = windowed_model()
+    pool = new_pool(model, num_slots=4)
+    sequences = [tokens(1, n, seed=n) for n in (20, 35, 33)]
+    prompt_lens = [3, 28, 12]
+    # allocated out of order: a forward's input rows need not follow slot order
+    slot_of = {i: pool.allocate(sequences[i].size(1)) for i in (2, 0, 1)}
+    slots = [slot_of[i] for i in range(len(sequences))]
+    assert slots != sorted(slots)
+    logits: list[list[torch.Tensor]] = [[] for _ in sequences]
+    with torch.no_grad():
+        for i, (seq, prompt_len) in enumerate(zip(sequences, prompt_lens, strict=True)):
+            for start in range(0, prompt_len, 9):  # chunked prefill, batch 1
+                chunk = seq[:, start:min(start + 9, prompt_len)]
+                logits[i].append(model(chunk, kv_cache=pool.rows([slots[i]]))[0])
+        lengths = [seq.size(1) for seq in sequences]
+        for step in range(max(length - n for length, n in zip(lengths, prompt_lens, strict=True))):
+            # a row drops out of the batch once its sequence is done: the others carry on
+            active = [i for i, length in enumerate(lengths) if prompt_lens[i] + step < length]
+            idx = torch.cat([sequences[i][:, prompt_lens[i] + step:prompt_lens[i] + step + 1] for i in active])
+            decoded = model(idx, kv_cache=pool.rows([slots[i] for i in active]))
+            for row, i in enumerate(active):
+                logits[i].append(decoded[row])
+        for i, seq in enumerate(sequences):
+            assert pool.length(slots[i]) == seq.size(1)
+            torch.testing.assert_close(torch.cat(logits[i]), model(seq)[0], atol=2e-5, rtol=1e-5)
+
+
+def test_a_released_slot_is_reused_without_leftovers() -> None:
+    """Stale keys, lengths and smear state of a previous sequence must not leak into the next one."""
+    model = windowed_model(1)
+    pool = new_pool(model, num_slots=1, num_pages=10)
+    with torch.no_grad():
+        slot = pool.allocate(40)
+        model(tokens(1, 40, seed=1), kv_cache=pool.rows([slot]))
+        pool.release(slot)
+        assert pool.allocate(30) == slot and pool.length(slot) == 0
+        seq = tokens(1, 30, seed=2)
+        prefill = model(seq[:, :25], kv_cache=pool.rows([slot]))
+        decoded = [model(seq[:, t:t + 1], kv_cache=pool.rows([slot])) for t in range(25, 30)]
+        torch.testing.assert_close(torch.cat([prefill, *decoded], dim=1), model(seq), atol=2e-5, rtol=1e-5)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from nanochat_rs.calculator import evaluate, format_result
 from nanochat_rs.conversation import render_conversation
 from nanochat_rs.tasks import Arithmetic, Identity, LetterCount, Task, TaskMixture, TaskSequence
 from nanochat_rs.tasks.arithmetic import problem_split
@@ -95,6 +96,8 @@ def test_arithmetic_answers_are_the_calculator_results_of_the_question() -> None
         python, output, text = conversation[1]["content"]
         assert python == {"type": "python", "text": f"{a}{op}{b}"}
         assert output["text"] == str(ops[op](a, b)) and text["text"].endswith(f"= {ops[op](a, b)}.")
+        # what the engine will force at inference: the calculator's own output for the call
+        assert format_result(evaluate(python["text"], timeout_s=60).value) == output["text"]  # type: ignore[arg-type]
 
 
 def test_arithmetic_evaluation_reads_the_final_answer() -> None:
@@ -108,6 +111,11 @@ def test_arithmetic_evaluation_reads_the_final_answer() -> None:
     assert task.evaluate(conversation, f"The answer is {answer}")
     assert not task.evaluate(conversation, f"{answer} is close, but it is {int(answer) + 1}")
     assert not task.evaluate(conversation, "I don't know")
+    # the tool's forced output is not the assistant's answer: it must state the result itself
+    assert not task.evaluate(conversation, f"<|python_start|>{a}{op}{b}<|python_end|><|output_start|>{answer}"
+                                           "<|output_end|>")
+    assert not task.evaluate(conversation, f"<|python_start|>{a}{op}{b}<|python_end|><|output_start|>{answer}"
+                                           "<|output_end|>I think it is 7.")
 
 
 @pytest.fixture(scope="module")
@@ -140,8 +148,13 @@ def test_letter_count_words_are_disjoint_and_counts_are_right() -> None:
         python, output, _ = conversation[1]["content"]
         word, letter = python["text"].split("'")[1], python["text"].split("'")[3]
         assert word in test.words and output["text"] == str(word.count(letter))
+        assert format_result(evaluate(python["text"], timeout_s=60).value) == output["text"]  # type: ignore[arg-type]
         assert test.evaluate(conversation, f"There are {word.count(letter)} '{letter}'.")
         assert not test.evaluate(conversation, f"There are {word.count(letter) + 1} '{letter}'.")
+    # training also asks about made-up strings (to teach copying), never about a held-out word
+    asked = [train[i][1]["content"][0]["text"].split("'")[1] for i in range(400)]
+    made_up = [w for w in asked if w not in train.words]
+    assert 0.35 < len(made_up) / len(asked) < 0.65 and not set(asked) & set(test.words)
 
 
 def test_identity_names_the_model_and_holds_out_questions() -> None:

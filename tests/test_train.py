@@ -25,7 +25,7 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from nanochat_rs import fp8, pretrain, recipe
+from nanochat_rs import fp8, recipe, training
 from nanochat_rs.checkpoint import (
     META_FILE,
     CheckpointError,
@@ -35,17 +35,9 @@ from nanochat_rs.checkpoint import (
     loader_filename,
     step_dir,
 )
-from nanochat_rs.pretrain import (
-    StepTimer,
-    TrainConfig,
-    check_fp8_device,
-    peak_flops,
-    plan_training,
-    progress_line,
-    resolve_config,
-    train,
-)
+from nanochat_rs.pretrain import TrainConfig, check_fp8_device, plan_training, resolve_config, train
 from nanochat_rs.tokenizer import Tokenizer
+from nanochat_rs.training import StepTimer, peak_flops, progress_line
 
 REPO = Path(__file__).resolve().parent.parent
 REFERENCE_BATCH_TOKENS = 2**19
@@ -195,10 +187,10 @@ def test_mfu_denominator_is_the_peak_of_the_gpu_in_use(name: str, flops: float |
 
 def test_progress_line_mfu_is_model_flops_over_the_peak_of_all_gpus() -> None:
     # 1e9 FLOPs/token x 2**19 tokens in 1 s on 8 GPUs of 1e15 FLOP/s each: 2**19 / 8e6 of the peak
-    line = progress_line(5, 10, 2.5, 1.0, 2**19, None, 1e9, 1e15, 8)
+    line = progress_line(5, 0.5, 2.5, 1.0, 2**19, None, 1e9, 1e15, 8, 10)
     mfu = float(re.search(r"\| mfu ([\d.]+)%", line).group(1))  # type: ignore[union-attr]
     assert mfu == pytest.approx(100 * 2**19 / 8e6, abs=0.01)
-    assert "mfu" not in progress_line(5, 10, 2.5, 1.0, 2**19, None, 1e9, None, 8)
+    assert "mfu" not in progress_line(5, 0.5, 2.5, 1.0, 2**19, None, 1e9, None, 8, 10)
 
 
 def test_eta_follows_the_recent_step_time() -> None:
@@ -211,7 +203,7 @@ def test_eta_follows_the_recent_step_time() -> None:
     for _ in range(5):
         timer.add(1.0)
     assert timer.eta_seconds(480) == pytest.approx(480.0)
-    line = progress_line(5, 10, 2.5, 1.0, 2**19, timer.eta_seconds(480), 1e9, None, 1)
+    line = progress_line(5, 0.5, 2.5, 1.0, 2**19, timer.eta_seconds(480), 1e9, None, 1, 10)
     assert line.endswith("| eta 8.0 min")
 
 
@@ -421,7 +413,7 @@ def test_a_copied_checkpoint_loads_on_its_own(full_run: tuple[Path, dict, str], 
 def test_training_falls_back_to_eager_where_compile_is_unavailable(
         workspace: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(workspace / "base"))
-    monkeypatch.setattr(pretrain, "compile_available", lambda device: "CppCompileError: no compiler")
+    monkeypatch.setattr(training, "compile_available", lambda device: "CppCompileError: no compiler")
     summary = train(tiny_config(workspace, "run_no_compiler", compile=True, num_iterations=2, eval_every=0,
                                 sample_every=0, save_every=0))
     out = capsys.readouterr().out

@@ -4,7 +4,10 @@ Two entry points with FA3's signatures, tensors laid out (B, T, H, D):
 
   flash_attn_func(q, k, v, causal=True, window_size=(left, right))
   flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, cache_seqlens=None, causal=True,
-                          window_size=(left, right))
+                          window_size=(left, right), page_table=None)
+
+With `page_table` (FA3's paged layout) the caches are a pool of pages (num_pages, page_size, H, D)
+and row b's position p lives at page page_table[b, p // page_size], offset p % page_size.
 
 Window semantics (FA3's): query at absolute position i sees key j iff i - left <= j <= i + right,
 with -1 meaning "unbounded" on that side and causal forcing right = 0. Queries are aligned to the
@@ -186,18 +189,22 @@ def flash_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
 def flash_attn_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                             k: torch.Tensor | None = None, v: torch.Tensor | None = None,
                             cache_seqlens: torch.Tensor | None = None, causal: bool = True,
-                            window_size: tuple[int, int] = (-1, -1), *,
-                            uniform_seqlen: int | None = None) -> torch.Tensor:
+                            window_size: tuple[int, int] = (-1, -1), *, page_table: torch.Tensor | None = None,
+                            uniform_seqlen: int | None = None, host_seqlens: list[int] | None = None) -> torch.Tensor:
     """Attention of a chunk of queries against a KV cache, FA3-style.
 
     If k/v are given they are written into the caches in place at each row's `cache_seqlens`
-    position (the caches are (B, S, H_kv, D)); `cache_seqlens` itself is not advanced, that is the
-    caller's job. Queries are the last Tq positions of the valid prefix (bottom-right aligned).
+    position (the caches are (B, S, H_kv, D), or pages with `page_table`); `cache_seqlens` itself is
+    not advanced, that is the caller's job. Queries are the last Tq positions of each row's valid
+    prefix (bottom-right aligned).
 
-    `uniform_seqlen` (not in FA3's API) is a promise that every row's `cache_seqlens` equals it: the
-    PyTorch path then slices with it directly instead of reading `cache_seqlens` back from the device,
-    which on CUDA would be a host sync in every layer of every decode step.
+    Host-side hints (not in FA3's API) spare the PyTorch path reading `cache_seqlens` back from the
+    device, which on CUDA would be a host sync in every layer of every decode step:
+    `uniform_seqlen` promises that every row's length equals it; `host_seqlens` gives the lengths.
     """
+    if page_table is not None:
+        return _paged_attn_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, page_table, causal,
+                                        window_size, host_seqlens)
     _check_qkv(q, k_cache, v_cache, "cache ")
     if (k is None) != (v is None):
         raise ValueError("pass both k and v (new keys/values to append) or neither")
@@ -208,19 +215,26 @@ def flash_attn_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
             raise ValueError(f"new k {tuple(k.shape)} does not match the cache's heads/head_dim {tuple(k_cache.shape)}")
         if cache_seqlens is None:
             raise ValueError("cache_seqlens is required when appending k/v to the cache")
-    if cache_seqlens is not None and (cache_seqlens.dim() != 1 or cache_seqlens.size(0) != q.size(0)):
-        raise ValueError(f"cache_seqlens must have shape ({q.size(0)},), got {tuple(cache_seqlens.shape)}")
+    if cache_seqlens is not None:
+        _check_seqlens(cache_seqlens, q.size(0))
     left, right = _check_window(window_size, causal)
     if _use_fa3(q.device, q.dtype) and k_cache.dtype == q.dtype:
         out = _FA3.flash_attn_with_kvcache(q, k_cache, v_cache, k=k, v=v, cache_seqlens=cache_seqlens,
                                            causal=causal, window_size=(left, right))
         return out[0] if isinstance(out, tuple) else out
-    return _torch_attn_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, left, right, uniform_seqlen)
+    return _torch_attn_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, left, right, uniform_seqlen,
+                                    host_seqlens)
+
+
+def _check_seqlens(cache_seqlens: torch.Tensor, batch: int) -> None:
+    if cache_seqlens.dim() != 1 or cache_seqlens.size(0) != batch:
+        raise ValueError(f"cache_seqlens must have shape ({batch},), got {tuple(cache_seqlens.shape)}")
 
 
 def _torch_attn_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                              k: torch.Tensor | None, v: torch.Tensor | None, cache_seqlens: torch.Tensor | None,
-                             left: int, right: int, uniform_seqlen: int | None) -> torch.Tensor:
+                             left: int, right: int, uniform_seqlen: int | None,
+                             host_seqlens: list[int] | None) -> torch.Tensor:
     batch, capacity = k_cache.size(0), k_cache.size(1)
     t_new = 0 if k is None else k.size(1)
     if cache_seqlens is None:
@@ -228,8 +242,7 @@ def _torch_attn_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: to
     elif uniform_seqlen is not None:
         lengths = [uniform_seqlen] * batch
     else:
-        # one host sync per call: the slicing below needs the lengths as Python ints
-        lengths = [int(n) for n in cache_seqlens.tolist()]
+        lengths = _host_lengths(cache_seqlens, host_seqlens)
     if min(lengths) < 0 or max(lengths) + t_new > capacity:
         raise ValueError(f"KV cache overflow: cache_seqlens {lengths} + {t_new} new positions exceeds "
                          f"the cache length {capacity}")
@@ -238,6 +251,15 @@ def _torch_attn_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: to
     if len(set(lengths)) == 1:
         return _uniform_cached_attn(q, k_cache, v_cache, k, v, lengths[0], left, right)
     return _ragged_cached_attn(q, k_cache, v_cache, k, v, lengths, left, right)
+
+
+def _host_lengths(cache_seqlens: torch.Tensor, host_seqlens: list[int] | None) -> list[int]:
+    if host_seqlens is None:
+        # one host sync per call: the slicing needs the lengths as Python ints
+        return [int(n) for n in cache_seqlens.tolist()]
+    if len(host_seqlens) != cache_seqlens.size(0):
+        raise ValueError(f"host_seqlens has {len(host_seqlens)} entries for {cache_seqlens.size(0)} rows")
+    return list(host_seqlens)
 
 
 def _uniform_cached_attn(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor | None,
@@ -283,4 +305,62 @@ def _ragged_cached_attn(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     mask = _visibility(query_pos, key_pos, left, right) & (key_pos < ends.view(-1, 1, 1))
     keys = k_cache[:, :t_k].to(q.dtype)
     values = v_cache[:, :t_k].to(q.dtype)
+    return _sdpa(q, keys, values, mask=mask.unsqueeze(1))
+
+
+# ---- paged caches ---------------------------------------------------------------------------------
+
+
+def _paged_attn_with_kvcache(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor, k: torch.Tensor | None,
+                             v: torch.Tensor | None, cache_seqlens: torch.Tensor | None, page_table: torch.Tensor,
+                             causal: bool, window_size: tuple[int, int],
+                             host_seqlens: list[int] | None) -> torch.Tensor:
+    """flash_attn_with_kvcache over a page pool. New keys/values are written here on every backend,
+    so FA3 only ever reads pages (its most exercised paged path)."""
+    batch = q.size(0)
+    if page_table.dim() != 2 or page_table.size(0) != batch or page_table.dtype != torch.int32:
+        raise ValueError(f"page_table must be int32 (B={batch}, pages_per_row), got {page_table.dtype} "
+                         f"{tuple(page_table.shape)}")
+    if cache_seqlens is None:
+        raise ValueError("cache_seqlens is required with a page_table: pages carry no lengths")
+    _check_seqlens(cache_seqlens, batch)
+    if (k is None) != (v is None):
+        raise ValueError("pass both k and v (new keys/values to append) or neither")
+    if k_pages.dim() != 4 or k_pages.shape != v_pages.shape:
+        raise ValueError(f"paged k/v caches must both be (num_pages, page_size, H_kv, D), got "
+                         f"{tuple(k_pages.shape)} and {tuple(v_pages.shape)}")
+    if k is not None and v is not None:
+        _check_qkv(q, k, v, "new ")
+        if k.shape[2:] != k_pages.shape[2:]:
+            raise ValueError(f"new k {tuple(k.shape)} does not match the pages' heads/head_dim {tuple(k_pages.shape)}")
+    left, right = _check_window(window_size, causal)
+    page_size = k_pages.size(1)
+    lengths = _host_lengths(cache_seqlens, host_seqlens)
+    t_new = 0 if k is None else k.size(1)
+    ends = max(lengths) + t_new
+    if min(lengths) < 0 or ends > page_table.size(1) * page_size:
+        raise ValueError(f"paged KV cache overflow: cache_seqlens {lengths} + {t_new} new positions exceed the "
+                         f"{page_table.size(1)} pages of {page_size} per row")
+    if q.size(1) > min(lengths) + t_new:
+        raise ValueError(f"{q.size(1)} queries but a row has only {min(lengths) + t_new} valid cache positions")
+    starts = cache_seqlens.long()
+    if k is not None and v is not None:
+        new_pos = starts.unsqueeze(1) + torch.arange(t_new, device=q.device)  # (B, t_new)
+        pages = page_table.gather(1, new_pos // page_size).long()
+        k_pages[pages, new_pos % page_size] = k.to(k_pages.dtype)
+        v_pages[pages, new_pos % page_size] = v.to(v_pages.dtype)
+    if _use_fa3(q.device, q.dtype) and k_pages.dtype == q.dtype:
+        out = _FA3.flash_attn_with_kvcache(q, k_pages, v_pages, cache_seqlens=cache_seqlens + t_new,
+                                           page_table=page_table, causal=causal, window_size=(left, right))
+        return out[0] if isinstance(out, tuple) else out
+    # keys before the earliest query's window are invisible to every row: gather only the rest
+    t_q = q.size(1)
+    first_key = max(0, min(lengths) + t_new - t_q - left) if left >= 0 else 0
+    key_pos = torch.arange(first_key, ends, device=q.device)
+    key_pages = page_table[:, key_pos // page_size].long()  # (B, T_k)
+    keys = k_pages[key_pages, key_pos % page_size].to(q.dtype)  # (B, T_k, H_kv, D)
+    values = v_pages[key_pages, key_pos % page_size].to(q.dtype)
+    row_ends = starts + t_new
+    query_pos = row_ends.unsqueeze(1) - t_q + torch.arange(t_q, device=q.device)  # (B, t_q)
+    mask = _visibility(query_pos, key_pos, left, right) & (key_pos < row_ends.view(-1, 1, 1))
     return _sdpa(q, keys, values, mask=mask.unsqueeze(1))

@@ -1,8 +1,11 @@
 """Chat with a trained model from the terminal: `nanochat-chat` (or `python -m nanochat_rs.chat`).
 
-    nanochat-chat                                 # interactive, newest checkpoint under $NANOCHAT_BASE_DIR
+    nanochat-chat                                 # interactive, the newest chat model (nanochat-sft)
     nanochat-chat -p "What is 2+2?"               # one answer, then exit
+    nanochat-chat --source base                   # the newest base model (nanochat-train) instead
     nanochat-chat --checkpoint DIR --device-type cpu --temperature 0
+
+Tool calls in a reply are shown as `[calculator] 123*45 -> 5535` (conversation.TOOL_DISPLAY).
 
 Interactive commands: 'quit' / 'exit' (or end of input) to leave, 'clear' to start a new conversation.
 Errors follow the policy of `nanochat_rs.cli`: one line on stderr, exit 2 for bad options, 1 for bad
@@ -20,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from nanochat_rs import cli
-from nanochat_rs.conversation import render_next_turn
+from nanochat_rs.conversation import readable_reply, render_next_turn
 
 # Modules that import torch are imported inside functions, under cli.run_job: `--help` answers at
 # once, and Ctrl-C during the seconds that importing torch takes ends as quietly as it does later.
@@ -30,16 +33,16 @@ if TYPE_CHECKING:
 
 __all__ = ["Chat", "chat_loop", "check_options", "default_checkpoint_dir", "main", "parse_args", "run"]
 
-# under base_dir(): converted chat models go to the first, pretraining writes the last
-CHECKPOINT_ROOTS = ("chat_checkpoints", "checkpoints", "base_checkpoints")
+SOURCES = ("chat", "base")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="nanochat-chat", description="Chat with a nanochat_rs model.")
+    parser.add_argument("--source", choices=SOURCES, default="chat",
+                        help="chat: the most recently written run under $NANOCHAT_BASE_DIR/chat_checkpoints "
+                             "(the base model when there is none yet); base: the same under base_checkpoints")
     parser.add_argument("--checkpoint", type=Path, default=None,
-                        help="checkpoint directory holding step_NNNNNN/ folders "
-                             "(default: the most recently written one under $NANOCHAT_BASE_DIR/"
-                             "{chat_checkpoints,checkpoints,base_checkpoints})")
+                        help="checkpoint directory holding step_NNNNNN/ folders (instead of --source)")
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
     parser.add_argument("-p", "--prompt", default=None, help="answer this one prompt and exit")
     parser.add_argument("--temperature", type=float, default=0.6, help="0 = greedy")
@@ -67,19 +70,22 @@ def check_options(args: argparse.Namespace) -> None:
         raise cli.UsageError(str(e)) from None
 
 
-def default_checkpoint_dir(base: Path) -> Path:
-    """The checkpoint directory (one holding step_NNNNNN/ folders) under `base`/{checkpoints,
-    base_checkpoints} whose newest complete step was written last."""
-    from nanochat_rs.checkpoint import META_FILE  # written last: a step directory holding it is complete
+def default_checkpoint_dir(base: Path, source: str = "chat") -> Path:
+    """The run directory (holding step_NNNNNN/ folders) of `source` under `base` whose newest complete
+    step was written last. A chat source with no chat model yet falls back to the base model, saying so."""
+    from nanochat_rs.checkpoint import BASE_CHECKPOINTS, CHAT_CHECKPOINTS, newest_checkpoint_dir
 
-    markers = [marker for root in CHECKPOINT_ROOTS
-               for marker in (base / root).glob(f"**/step_*/{META_FILE}")]
-    if not markers:
-        roots = " or ".join(str(base / root) for root in CHECKPOINT_ROOTS)
-        raise FileNotFoundError(f"no checkpoints under {roots}: train a model with nanochat-train first "
-                                "or pass --checkpoint DIR")
-    newest = max(markers, key=lambda p: p.stat().st_mtime)
-    return newest.parent.parent
+    if source == "chat" and (chat := newest_checkpoint_dir(base / CHAT_CHECKPOINTS)) is not None:
+        return chat
+    found = newest_checkpoint_dir(base / BASE_CHECKPOINTS)
+    if found is None:
+        roots = " or ".join(str(base / root) for root in (CHAT_CHECKPOINTS, BASE_CHECKPOINTS)[SOURCES.index(source):])
+        raise FileNotFoundError(f"no checkpoints under {roots}: train a model with nanochat-train (then "
+                                "nanochat-sft) first, or pass --checkpoint DIR")
+    if source == "chat":
+        print(f"Note: no chat model under {base / CHAT_CHECKPOINTS} yet (fine-tune one with nanochat-sft); "
+              f"using the base model in {found}", file=sys.stderr)
+    return found
 
 
 def valid_text(text: str) -> str:
@@ -117,11 +123,11 @@ class Chat:
             if column[0] in stop:
                 break
             reply.append(column[0])
-            text = self.tokenizer.decode(reply)
+            text = readable_reply(self.tokenizer, reply)
             if not text.endswith("\ufffd"):
                 print(text[shown:], end="", flush=True)
                 shown = len(text)
-        print(self.tokenizer.decode(reply)[shown:], flush=True)  # a reply cut mid-character ends in U+FFFD
+        print(readable_reply(self.tokenizer, reply)[shown:], flush=True)  # a reply cut mid-character ends in U+FFFD
         if len(tokens) + len(reply) >= self.context:  # no stop token fitted: the context ran out
             print(f"(reply cut off: it reached the model's {self.context}-token context)", file=sys.stderr)
         return reply
@@ -178,7 +184,7 @@ def run(args: argparse.Namespace) -> None:
 
     _, device = compute_init(args.device_type or autodetect_device_type())
     try:
-        checkpoint = args.checkpoint or default_checkpoint_dir(base_dir())
+        checkpoint = args.checkpoint or default_checkpoint_dir(base_dir(), args.source)
         model, tokenizer, _ = load_model(checkpoint, device, step=args.step)
         chat = Chat(Engine(model, tokenizer), tokenizer, model.config.sequence_len, args.temperature,
                     args.top_k, args.max_tokens)

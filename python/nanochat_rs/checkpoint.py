@@ -48,6 +48,9 @@ READABLE_VERSIONS = (1, 2)  # 1: absolute tokenizer path, 0-d smear/backout scal
 MODEL_FILE = "model.pt"
 META_FILE = "meta.json"
 TOKENIZER_SUBDIR = "tokenizer"
+# Under $NANOCHAT_BASE_DIR: where pretraining and fine-tuning write their runs (one folder per depth).
+BASE_CHECKPOINTS = "base_checkpoints"
+CHAT_CHECKPOINTS = "chat_checkpoints"
 REQUIRED_META_KEYS = ("model_config", "step", "tokenizer_dir")
 LOADER_STATE_KEY = "dataloader_state"  # in the meta passed to save / returned by load, not in meta.json
 _STEP_DIR = re.compile(r"^step_(\d{6,})$")
@@ -73,6 +76,15 @@ def find_steps(directory: str | os.PathLike[str]) -> list[int]:
         return []
     return sorted(int(m.group(1)) for p in root.iterdir()
                   if (m := _STEP_DIR.match(p.name)) and (p / META_FILE).is_file())
+
+
+def newest_checkpoint_dir(root: str | os.PathLike[str]) -> Path | None:
+    """The run directory (one holding step_NNNNNN/ folders) anywhere under `root` whose newest complete
+    step was written last; None when `root` holds no complete checkpoint."""
+    markers = list(Path(root).glob(f"**/step_*/{META_FILE}"))  # meta.json is written last: complete
+    if not markers:
+        return None
+    return max(markers, key=lambda p: p.stat().st_mtime).parent.parent
 
 
 def find_last_step(directory: str | os.PathLike[str]) -> int:
@@ -316,6 +328,9 @@ def load_checkpoint_tokenizer(step_directory: Path, meta: dict[str, Any], vocab_
     from nanochat_rs.tokenizer import Tokenizer
 
     tokenizer_dir = checkpoint_tokenizer_dir(step_directory, meta)
+    if not tokenizer_dir.is_dir() or not any(tokenizer_dir.iterdir()):
+        raise CheckpointError(f"checkpoint {step_directory} has no tokenizer: {tokenizer_dir} is missing or empty "
+                              f"(a step directory is copied whole, with its {TOKENIZER_SUBDIR}/ folder)")
     expected_id = meta.get("tokenizer_id")
     if expected_id is not None and tokenizer_fingerprint(tokenizer_dir) != expected_id:
         raise CheckpointError(f"the tokenizer in {tokenizer_dir} is not the one this model was trained with "

@@ -148,6 +148,12 @@ def _render(tokenizer: ChatTokenizer, turns: list[tuple[str, Any]]) -> _Builder:
     return builder
 
 
+def validate_conversation(messages: object) -> None:
+    """Raise the ValueError rendering would raise for `messages` (roles out of order, an empty
+    conversation, a malformed message), without a tokenizer: for checking data before training on it."""
+    _normalise(messages)
+
+
 def render_conversation(tokenizer: ChatTokenizer, messages: Sequence[Mapping[str, Any]],
                         max_tokens: int = 2048) -> tuple[list[int], list[int]]:
     """Token ids of a conversation and its mask (1 = supervised), both cut to `max_tokens`."""
@@ -180,3 +186,28 @@ def render_next_turn(tokenizer: ChatTokenizer, user_text: str) -> list[int]:
     _render_user(builder, user_text)
     builder.special("<|assistant_start|>", 0)
     return builder.ids
+
+
+# How a reply's tool call reads in a terminal or a web page: "[calculator] 123*45 -> 5535", then the
+# assistant's own words on the next line.
+TOOL_DISPLAY = {"<|python_start|>": "[calculator] ", "<|python_end|>": " ", "<|output_start|>": "-> ",
+                "<|output_end|>": "\n"}
+
+
+class DisplayTokenizer(ChatTokenizer, Protocol):
+    def decode(self, ids: Sequence[int]) -> str: ...
+
+
+def readable_reply(tokenizer: DisplayTokenizer, tokens: Sequence[int]) -> str:
+    """The text of a reply with its tool calls and their output shown as `TOOL_DISPLAY` says instead of
+    as raw special tokens; every other token decodes as usual."""
+    markers = {tokenizer.encode_special(name): text for name, text in TOOL_DISPLAY.items()}
+    pieces: list[str] = []
+    start = 0
+    for i, token in enumerate(tokens):
+        if token in markers:
+            pieces.append(tokenizer.decode(tokens[start:i]))
+            pieces.append(markers[token])
+            start = i + 1
+    pieces.append(tokenizer.decode(tokens[start:]))
+    return "".join(pieces)

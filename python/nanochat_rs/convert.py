@@ -240,10 +240,11 @@ def _nanochat_steps(directory: Path) -> list[int]:
 def default_output(source: Path) -> Path:
     """Where --from-nanochat writes without --output: this project's base (or chat) checkpoints, under
     the name of nanochat's model directory (d12 stays d12)."""
+    from nanochat_rs.checkpoint import BASE_CHECKPOINTS, CHAT_CHECKPOINTS
     from nanochat_rs.common import base_dir
 
     source = source.resolve()
-    root = "chat_checkpoints" if source.parent.name in _CHAT_PARENTS else "base_checkpoints"
+    root = CHAT_CHECKPOINTS if source.parent.name in _CHAT_PARENTS else BASE_CHECKPOINTS
     return base_dir() / root / source.name
 
 

@@ -19,10 +19,10 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Generator, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import pyarrow as pa
@@ -137,7 +137,7 @@ class _Slot:
 class _BatchMaker:
     """Fills staging slots from the stream and snapshots the state that reproduces what follows."""
 
-    def __init__(self, stream: DocumentStream, packer: BestFitPacker, identity: dict[str, Any]) -> None:
+    def __init__(self, stream: ChunkStream, packer: BestFitPacker, identity: dict[str, Any]) -> None:
         self.stream = stream
         self.packer = packer
         self.identity = identity
@@ -218,7 +218,7 @@ def _to_device(slot: _Slot, device: torch.device) -> tuple[torch.Tensor, torch.T
 
 
 def _batches(maker: _BatchMaker, slots: list[_Slot], device: torch.device,
-             prefetch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, dict[str, Any]]]:
+             prefetch: int) -> Generator[tuple[torch.Tensor, torch.Tensor, dict[str, Any]]]:
     free: queue.Queue = queue.Queue()
     for i in range(len(slots)):
         free.put((i, None))
@@ -296,8 +296,28 @@ def tokenizing_data_loader(tokenizer: Any, batch_size: int, sequence_len: int, s
                 "files": [f.name for f in files], "num_row_groups": len(row_groups)}
     cursor = Cursor() if resume_state is None else _resume(resume_state, identity, packer)
     stream = DocumentStream(tokenizer, files, row_groups, cursor, tokenizer_batch_rows, num_threads)
+    return staged_batches(stream, packer, identity, B, device, prefetch)
+
+
+class ChunkStream(Protocol):
+    """What `staged_batches` reads: chunks of documents for `BestFitPacker.push(*chunk)`, and a cursor
+    whose `as_dict()` is the read position right after the last chunk."""
+
+    @property
+    def cursor(self) -> Any: ...
+
+    def next_chunk(self) -> tuple[np.ndarray, ...]: ...
+
+
+def staged_batches(stream: ChunkStream, packer: BestFitPacker, identity: dict[str, Any], batch_size: int,
+                   device: torch.device,
+                   prefetch: int) -> Generator[tuple[torch.Tensor, torch.Tensor, dict[str, Any]]]:
+    """(inputs, targets, state) batches packed from `stream` by a background thread into staging slots
+    (pinned on CUDA) and copied to `device` (module docstring). `state` is `identity` plus the stream
+    cursor and the packer state of the moment the batch was completed."""
     pin = device.type == "cuda"
     # One slot being filled, up to `prefetch` waiting, one being copied to the device.
-    slots = [_Slot(torch.empty((B, T - audio_prefix_len), dtype=torch.long, pin_memory=pin),
-                   torch.empty((B, T), dtype=torch.long, pin_memory=pin)) for _ in range(prefetch + 2)]
+    slots = [_Slot(torch.empty((batch_size, packer.text_len), dtype=torch.long, pin_memory=pin),
+                   torch.empty((batch_size, packer.sequence_len), dtype=torch.long, pin_memory=pin))
+             for _ in range(prefetch + 2)]
     return _batches(_BatchMaker(stream, packer, identity), slots, device, prefetch)

@@ -214,7 +214,7 @@ def _open(url: str, offset: int, timeout: float) -> http.client.HTTPResponse:
 
 
 def _transfer(url: str, partial: Path, timeout: float, deadline_base_s: float, min_bytes_per_s: float,
-              hint: str) -> None:
+              hint: str, problem: Callable[[Path], str | None]) -> None:
     """Append the rest of `url` to `partial`, resuming from its current size when possible.
 
     Raises TransientDownloadError for anything worth retrying; a non-retryable HTTP status raises DownloadError.
@@ -227,7 +227,7 @@ def _transfer(url: str, partial: Path, timeout: float, deadline_base_s: float, m
         response = _open(url, offset, timeout)
     except urllib.error.HTTPError as e:
         if e.code == 416 and offset > 0:
-            if is_valid_parquet(partial):
+            if problem(partial) is None:
                 return  # a previous run received every byte but died before the rename
             # Our partial is longer than the file (or the file changed): start over.
             partial.unlink(missing_ok=True)
@@ -276,10 +276,15 @@ def _transfer(url: str, partial: Path, timeout: float, deadline_base_s: float, m
 # ---- download ---------------------------------------------------------------------------------
 
 
-def _finalize(partial: Path, dest: Path, require_text: bool) -> str | None:
+def parquet_problem(path: Path, require_text: bool = True) -> str | None:
+    """What is wrong with a downloaded parquet file (None: nothing)."""
+    return "missing PAR1 magic bytes" if not is_valid_parquet(path) else shard_problem(path, require_text)
+
+
+def _finalize(partial: Path, dest: Path, problem_of: Callable[[Path], str | None]) -> str | None:
     """Move a complete, valid `partial` into place and return None, or delete a bad one (so the retry
     starts fresh) and return what is wrong with it."""
-    problem = "missing PAR1 magic bytes" if not is_valid_parquet(partial) else shard_problem(partial, require_text)
+    problem = problem_of(partial)
     if problem is not None:
         partial.unlink(missing_ok=True)
         return problem
@@ -314,11 +319,14 @@ def check_download_args(max_attempts: int, backoff_s: float, timeout_s: float, d
                          f"{backoff_s}, {timeout_s}, {deadline_base_s}, {min_bytes_per_s}")
 
 
-def download_file(url: str, dest: Path, *, hint: str, require_text: bool = True, max_attempts: int = 5,
-                  backoff_s: float = 1.0, timeout_s: float = 60.0, deadline_base_s: float = 60.0,
-                  min_bytes_per_s: float = 100e3) -> Path:
-    """Download the parquet file at `url` to `dest`: resumable (a `.partial` beside it), retried,
-    verified (`shard_problem`) and renamed into place atomically. The caller holds the lock that keeps
+def download_file(url: str, dest: Path, *, hint: str, require_text: bool = True,
+                  check: Callable[[Path], str | None] | None = None, kind: str = "parquet file",
+                  max_attempts: int = 5, backoff_s: float = 1.0, timeout_s: float = 60.0,
+                  deadline_base_s: float = 60.0, min_bytes_per_s: float = 100e3) -> Path:
+    """Download the file at `url` to `dest`: resumable (a `.partial` beside it), retried, verified and
+    renamed into place atomically. Verified by `check` (what is wrong with the file, None: nothing; a
+    `kind` of file), by default as a parquet file (`parquet_problem`, with a text column when
+    `require_text`). The caller holds the lock that keeps
     other processes off `dest`; `hint` ends the DownloadError of a download that keeps failing.
 
     `timeout_s` bounds each wait for the server (connecting, each read). An attempt also ends, as a
@@ -329,12 +337,14 @@ def download_file(url: str, dest: Path, *, hint: str, require_text: bool = True,
     check_download_args(max_attempts, backoff_s, timeout_s, deadline_base_s, min_bytes_per_s)
     partial = dest.with_name(dest.name + _PARTIAL_SUFFIX)
 
+    problem_of = check or (lambda path: parquet_problem(path, require_text))
+
     def attempt() -> Path:
-        _transfer(url, partial, timeout_s, deadline_base_s, min_bytes_per_s, hint)
-        problem = _finalize(partial, dest, require_text)
+        _transfer(url, partial, timeout_s, deadline_base_s, min_bytes_per_s, hint, problem_of)
+        problem = _finalize(partial, dest, problem_of)
         if problem is not None:
-            kind = "parquet shard" if require_text else "parquet file"
-            raise TransientDownloadError(f"the downloaded file is not a readable {kind} ({problem})")
+            shown = "parquet shard" if check is None and require_text else kind
+            raise TransientDownloadError(f"the downloaded file is not a readable {shown} ({problem})")
         return dest
 
     return with_retries(f"download {url}", attempt, max_attempts=max_attempts, backoff_s=backoff_s, hint=hint)

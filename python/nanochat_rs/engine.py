@@ -13,13 +13,16 @@ tokens to that row (mask 0: forced, not sampled) before sampling resumes for it.
 
 A row stops at <|assistant_end|> or <|bos|>. It still occupies its slot in the batch until all rows
 stop, and repeats its terminal token (mask 0) so callers can ignore it with one comparison.
+
+`RowState` is that per-row tool/stop state machine; the continuous-batching scheduler
+(`nanochat_rs.batching`) drives the same class, so both produce the same tokens for the same samples.
 """
 
 from __future__ import annotations
 
 from collections import deque
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -32,24 +35,13 @@ if TYPE_CHECKING:
     from nanochat_rs.gpt import GPT
     from nanochat_rs.tokenizer import Tokenizer
 
-__all__ = ["Engine", "KVCache", "sample_next_token"]
-
-
-@dataclass
-class _RowState:
-    """Per-sample bookkeeping the lockstep loop needs besides the shared cache."""
-
-    forced: deque[int] = field(default_factory=deque)  # tool output still to be fed to this row
-    python_tokens: list[int] | None = None  # tokens since <|python_start|>, None outside a tool call
-    terminal: int | None = None  # the stop token once the row is done
-
-    @property
-    def done(self) -> bool:
-        return self.terminal is not None
+__all__ = ["Engine", "KVCache", "RowState", "SpecialTokens", "sample_next_token"]
 
 
 @dataclass(frozen=True)
-class _SpecialIds:
+class SpecialTokens:
+    """The ids of the special tokens generation reacts to."""
+
     stop: frozenset[int]
     python_start: int
     python_end: int
@@ -57,11 +49,64 @@ class _SpecialIds:
     output_end: int
 
     @classmethod
-    def of(cls, tokenizer: Tokenizer) -> _SpecialIds:
+    def of(cls, tokenizer: Tokenizer) -> SpecialTokens:
         special = tokenizer.encode_special
         return cls(stop=frozenset({special("<|assistant_end|>"), tokenizer.bos_token_id}),
                    python_start=special("<|python_start|>"), python_end=special("<|python_end|>"),
                    output_start=special("<|output_start|>"), output_end=special("<|output_end|>"))
+
+
+class RowState:
+    """What one generated sequence holds at each step, given what was sampled for it.
+
+    Priority: the repeated stop token once the row is done > queued tool output (forced) > the
+    sample. Sampled tokens drive the state: a stop token ends the row, <|python_start|> ...
+    <|python_end|> runs the calculator and queues its wrapped result. `extra_stop` adds stop ids to
+    the tokenizer's own (<|assistant_end|>, <|bos|>).
+    """
+
+    def __init__(self, tokenizer: Tokenizer, special: SpecialTokens, extra_stop: frozenset[int] = frozenset()) -> None:
+        self._tokenizer = tokenizer
+        self._special = special
+        self._stop = special.stop | extra_stop
+        self._forced: deque[int] = deque()  # tool output still to be fed to this row
+        self._python_tokens: list[int] | None = None  # tokens since <|python_start|>, None outside a tool call
+        self.terminal: int | None = None  # the stop token once the row is done
+
+    @property
+    def done(self) -> bool:
+        return self.terminal is not None
+
+    def step(self, sampled: int) -> tuple[int, int]:
+        """This step's `(token, mask)`: mask 1 = the sample was taken, 0 = forced or repeated stop."""
+        if self.terminal is not None:
+            return self.terminal, 0
+        if self._forced:
+            return self._forced.popleft(), 0
+        self._observe(sampled)
+        return sampled, 1
+
+    def _observe(self, token: int) -> None:
+        special = self._special
+        if token in self._stop:
+            self.terminal = token
+        elif token == special.python_start:
+            self._python_tokens = []
+        elif token == special.python_end and self._python_tokens is not None:
+            self._forced.extend(self._run_calculator(self._python_tokens))
+            self._python_tokens = None
+        elif self._python_tokens is not None:
+            self._python_tokens.append(token)
+
+    def _run_calculator(self, expression_tokens: list[int]) -> list[int]:
+        """The tokens to force for a tool call: the wrapped result, or nothing if it was refused
+        (the model then simply continues without an output block)."""
+        result = evaluate(self._tokenizer.decode(expression_tokens))
+        if result.value is None:
+            return []
+        special = self._special
+        value_tokens = self._tokenizer.encode(format_result(result.value))
+        return [special.output_start, *value_tokens, special.output_end]  # type: ignore[list-item]
 
 
 class Engine:
@@ -70,13 +115,13 @@ class Engine:
     def __init__(self, model: GPT, tokenizer: Tokenizer) -> None:
         self.model = model
         self.tokenizer = tokenizer
-        self._special = _SpecialIds.of(tokenizer)
+        self._special = SpecialTokens.of(tokenizer)
 
     # ---- public API -------------------------------------------------------------------------
 
     def generate(self, tokens: Sequence[int], num_samples: int = 1, max_tokens: int | None = None,
-                 temperature: float = 1.0, top_k: int | None = None,
-                 seed: int = 42) -> Iterator[tuple[list[int], list[int]]]:
+                 temperature: float = 1.0, top_k: int | None = None, seed: int = 42,
+                 top_p: float | None = None) -> Iterator[tuple[list[int], list[int]]]:
         """Yield `(token_column, token_masks)` per step: one token per sample, mask 1 = sampled,
         0 = forced (tool output, or the repeated stop token of a finished row).
 
@@ -86,9 +131,9 @@ class Engine:
         prompt = check_prompt(tokens, self.model.config.vocab_size)
         if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
             raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
-        check_sampling_args(max_tokens, temperature, top_k, seed, max_tokens_optional=True)
+        check_sampling_args(max_tokens, temperature, top_k, seed, max_tokens_optional=True, top_p=top_p)
         max_seq_len = self._cache_max_seq_len(len(prompt), max_tokens)
-        return self._generate(prompt, num_samples, max_tokens, float(temperature), top_k, seed, max_seq_len)
+        return self._generate(prompt, num_samples, max_tokens, float(temperature), top_k, top_p, seed, max_seq_len)
 
     def generate_batch(self, tokens: Sequence[int], num_samples: int = 1,
                        **kwargs: Any) -> tuple[list[list[int]], list[list[int]]]:
@@ -112,7 +157,8 @@ class Engine:
     # ---- generation loop ----------------------------------------------------------------------
 
     def _generate(self, prompt: list[int], num_samples: int, max_tokens: int | None, temperature: float,
-                  top_k: int | None, seed: int, max_seq_len: int) -> Iterator[tuple[list[int], list[int]]]:
+                  top_k: int | None, top_p: float | None, seed: int,
+                  max_seq_len: int) -> Iterator[tuple[list[int], list[int]]]:
         if max_tokens == 0:
             return
         device = self.model.get_device()
@@ -122,13 +168,15 @@ class Engine:
         # steps must run in whatever grad mode it chose.
         with torch.inference_mode():
             cache, logits = self._prefill(prompt, num_samples, max_seq_len, device)
-        rows = [_RowState() for _ in range(num_samples)]
+        rows = [RowState(self.tokenizer, self._special) for _ in range(num_samples)]
         steps = 0
         while True:
             with torch.inference_mode():
-                sampled_ids = sample_next_token(logits, generator, temperature, top_k)
+                sampled_ids = sample_next_token(logits, generator, temperature, top_k, top_p)
             sampled = sampled_ids.tolist()  # the one device sync per step
-            column, masks = self._advance_rows(rows, sampled)
+            chosen = [row.step(token) for row, token in zip(rows, sampled, strict=True)]
+            column = [token for token, _ in chosen]
+            masks = [mask for _, mask in chosen]
             steps += 1
             yield column, masks
             if all(row.done for row in rows) or steps == max_tokens or cache.get_pos() >= max_seq_len:
@@ -150,44 +198,6 @@ class Engine:
         cache = KVCache.for_model(self.model.config, num_samples, max_seq_len, device)
         cache.prefill(single)
         return cache, logits.expand(num_samples, -1)
-
-    def _advance_rows(self, rows: list[_RowState], sampled: list[int]) -> tuple[list[int], list[int]]:
-        """Choose each row's token for this step (stop repeat > forced tool output > sample) and
-        update the row's tool/stop state with it."""
-        column, masks = [], []
-        for row, sampled_token in zip(rows, sampled, strict=True):
-            if row.terminal is not None:
-                token, mask = row.terminal, 0
-            elif row.forced:
-                token, mask = row.forced.popleft(), 0
-            else:
-                token, mask = sampled_token, 1
-                self._observe(row, token)
-            column.append(token)
-            masks.append(mask)
-        return column, masks
-
-    def _observe(self, row: _RowState, token: int) -> None:
-        special = self._special
-        if token in special.stop:
-            row.terminal = token
-        elif token == special.python_start:
-            row.python_tokens = []
-        elif token == special.python_end and row.python_tokens is not None:
-            row.forced.extend(self._run_calculator(row.python_tokens))
-            row.python_tokens = None
-        elif row.python_tokens is not None:
-            row.python_tokens.append(token)
-
-    def _run_calculator(self, expression_tokens: list[int]) -> list[int]:
-        """The tokens to force for a tool call: the wrapped result, or nothing if it was refused
-        (the model then simply continues without an output block)."""
-        result = evaluate(self.tokenizer.decode(expression_tokens))
-        if result.value is None:
-            return []
-        special = self._special
-        value_tokens = self.tokenizer.encode(format_result(result.value))
-        return [special.output_start, *value_tokens, special.output_end]  # type: ignore[list-item]
 
     # ---- validation -----------------------------------------------------------------------------
 

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from nanochat_rs.attention import flash_attn_func, flash_attn_with_kvcache
 from nanochat_rs.common import compute_dtype
-from nanochat_rs.kv_cache import KVCache
+from nanochat_rs.kv_cache import KVCache, PagedRows
 from nanochat_rs.recipe import ASPECT_RATIO, HEAD_DIM, SEQUENCE_LEN, WINDOW_PATTERN
 from nanochat_rs.sampling import check_prompt, check_sampling_args, sample_next_token
 from nanochat_rs.util import check_int
@@ -49,6 +49,9 @@ WINDOW_MULTIPLE = 128
 VE_GATE_CHANNELS = 12  # value-embedding gate reads only the first channels of the normed input
 SMEAR_CHANNELS = 24  # so does the smear gate (cheap; enough to recognise the token)
 MLP_RATIO = 4
+
+# what forward(kv_cache=...) takes: a lockstep cache, or some slots of a paged pool with per-row positions
+AnyKVCache = KVCache | PagedRows
 
 
 @dataclass
@@ -161,7 +164,7 @@ class CausalSelfAttention(nn.Module):
                         if has_value_embedding(layer_idx, config.n_layer) else None)
 
     def forward(self, x: torch.Tensor, ve: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
-                window: int, kv_cache: KVCache | None) -> torch.Tensor:
+                window: int, kv_cache: AnyKVCache | None) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
         k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
@@ -174,6 +177,11 @@ class CausalSelfAttention(nn.Module):
         k = norm(apply_rotary(k, cos, sin)) * QK_SCALE
         if kv_cache is None:
             y = flash_attn_func(q, k, v, causal=True, window_size=(window, 0))
+        elif isinstance(kv_cache, PagedRows):
+            k_pages, v_pages = kv_cache.get_layer_cache(self.layer_idx)
+            y = flash_attn_with_kvcache(q, k_pages, v_pages, k=k, v=v, cache_seqlens=kv_cache.cache_seqlens,
+                                        causal=True, window_size=(window, 0), page_table=kv_cache.page_table,
+                                        host_seqlens=kv_cache.lengths)
         else:
             k_cache, v_cache = kv_cache.get_layer_cache(self.layer_idx)
             # every row of our cache sits at the same position, known on the host: no device sync
@@ -199,7 +207,7 @@ class Block(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, x: torch.Tensor, ve: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
-                window: int, kv_cache: KVCache | None) -> torch.Tensor:
+                window: int, kv_cache: AnyKVCache | None) -> torch.Tensor:
         x = x + self.attn(norm(x), ve, cos, sin, window, kv_cache)
         return x + self.mlp(norm(x))
 
@@ -275,15 +283,18 @@ class GPT(nn.Module):
 
     # ---- forward -------------------------------------------------------------------------------
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, kv_cache: KVCache | None = None,
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, kv_cache: AnyKVCache | None = None,
                 loss_reduction: str = "mean", *, audio_features: torch.Tensor | None = None,
-                last_only: bool = False) -> torch.Tensor:
+                last_only: bool = False, logits_at: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, T_full, vocab_size) in fp32 without targets, else the cross-entropy loss.
 
         T_full = T_audio + T_text. With a KV cache the chunk is appended at the cache position and
-        the cache is advanced by T once all layers have written their keys/values. `last_only=True`
-        returns only the last position's logits (B, 1, vocab_size): all that sampling needs, and it
-        spares a prompt prefill the T x vocab readout.
+        the cache is advanced by T once all layers have written their keys/values; with `PagedRows`
+        each row is appended at its own position. `last_only=True` returns only the last position's
+        logits (B, 1, vocab_size): all that sampling needs, and it spares a prompt prefill the
+        T x vocab readout. `logits_at`, a boolean mask (B, T_full), returns the logits of its True
+        positions only, flattened in row-major order to (num_true, vocab_size): the readout is paid
+        only where logits are wanted.
         """
         self._check_idx(idx)
         if last_only and targets is not None:
@@ -293,6 +304,7 @@ class GPT(nn.Module):
         B, T_text = idx.shape
         T_audio = self._check_audio(audio_features, B, kv_cache)
         T_full = T_audio + T_text
+        self._check_logits_at(logits_at, B, T_full, targets, last_only)
         start = 0 if kv_cache is None else self._check_cache(kv_cache, B, T_full)
         if start + T_full > self.cos.size(1):
             raise ValueError(f"{start + T_full} positions exceed the rotary table of {self.cos.size(1)} "
@@ -311,11 +323,19 @@ class GPT(nn.Module):
             kv_cache.advance(T_full)
         if last_only:
             x = x[:, -1:]
+        if logits_at is not None:
+            x = x[logits_at]
         return self._head(x, targets, loss_reduction)
 
-    def _embed_text(self, idx: torch.Tensor, kv_cache: KVCache | None) -> torch.Tensor:
+    def _embed_text(self, idx: torch.Tensor, kv_cache: AnyKVCache | None) -> torch.Tensor:
         """wte -> norm -> smear: x[t] += smear_lambda * sigmoid(smear_gate(x[t, :24])) * x[t-1]."""
         x = norm(self.transformer.wte(idx))
+        if isinstance(kv_cache, PagedRows):
+            # every row has a previous embedding: a row at position 0 has zero, which adds nothing
+            previous = torch.cat((kv_cache.prev_embedding.to(x.dtype), x[:, :-1]), dim=1)
+            kv_cache.set_prev_embedding(x[:, -1:])
+            gate = self.smear_lambda.to(x.dtype) * torch.sigmoid(self.smear_gate(x[..., :SMEAR_CHANNELS]))
+            return x + gate * previous
         previous = x[:, :-1]
         if kv_cache is not None and kv_cache.get_pos() > 0:
             if kv_cache.prev_embedding is None:
@@ -332,9 +352,13 @@ class GPT(nn.Module):
         return torch.cat((x[:, :x.size(1) - previous.size(1)], smeared), dim=1)
 
     def _run_blocks(self, x: torch.Tensor, ve_idx: torch.Tensor, start: int,
-                    kv_cache: KVCache | None) -> torch.Tensor:
+                    kv_cache: AnyKVCache | None) -> torch.Tensor:
         T = x.size(1)
-        cos, sin = self.cos[:, start:start + T], self.sin[:, start:start + T]
+        if isinstance(kv_cache, PagedRows):
+            positions = kv_cache.positions(T)  # (B, T): each row at its own position
+            cos, sin = self.cos[0, positions], self.sin[0, positions]  # (B, T, 1, D/2)
+        else:
+            cos, sin = self.cos[:, start:start + T], self.sin[:, start:start + T]
         x0 = x
         x_mid = x
         for i, block in enumerate(self.transformer.h):
@@ -365,7 +389,20 @@ class GPT(nn.Module):
         if idx.dtype.is_floating_point or idx.dtype.is_complex or idx.dtype == torch.bool:
             raise TypeError(f"idx must hold integer token ids, got dtype {idx.dtype}")
 
-    def _check_audio(self, audio: Any, batch: int, kv_cache: KVCache | None) -> int:
+    @staticmethod
+    def _check_logits_at(logits_at: Any, batch: int, T_full: int, targets: Any, last_only: bool) -> None:
+        if logits_at is None:
+            return
+        if targets is not None or last_only:
+            raise ValueError("logits_at selects which logits are returned; it cannot be combined with targets "
+                             "or last_only")
+        if (not isinstance(logits_at, torch.Tensor) or logits_at.dtype != torch.bool
+                or tuple(logits_at.shape) != (batch, T_full)):
+            got = (f"{logits_at.dtype} {tuple(logits_at.shape)}" if isinstance(logits_at, torch.Tensor)
+                   else type(logits_at).__name__)
+            raise ValueError(f"logits_at must be a torch.bool mask of shape (B={batch}, T_full={T_full}), got {got}")
+
+    def _check_audio(self, audio: Any, batch: int, kv_cache: AnyKVCache | None) -> int:
         if audio is None:
             return 0
         if kv_cache is not None:
@@ -379,14 +416,20 @@ class GPT(nn.Module):
         return audio.size(1)
 
     def _check_cache(self, kv_cache: Any, batch: int, T: int) -> int:
-        if not isinstance(kv_cache, KVCache):
-            raise TypeError(f"kv_cache must be a KVCache, got {type(kv_cache).__name__}")
+        """The furthest row's position, once the cache is known to fit the input."""
+        if not isinstance(kv_cache, KVCache | PagedRows):
+            raise TypeError(f"kv_cache must be a KVCache or PagedRows, got {type(kv_cache).__name__}")
         config = self.config
         expected = (batch, config.n_layer, config.n_kv_head, config.head_dim)
         actual = (kv_cache.batch_size, kv_cache.num_layers, kv_cache.num_kv_heads, kv_cache.head_dim)
         if actual != expected:
             raise ValueError(f"KV cache (batch, layers, kv heads, head_dim) = {actual} does not fit this input "
                              f"and model: expected {expected}")
+        if isinstance(kv_cache, PagedRows):
+            if T > kv_cache.remaining():
+                raise ValueError(f"{T} new tokens do not fit the KV cache: a row has room for only "
+                                 f"{kv_cache.remaining()} more positions")
+            return max(kv_cache.lengths)
         if T > kv_cache.remaining():
             raise ValueError(f"{T} new tokens do not fit the KV cache: {kv_cache.get_pos()} of "
                              f"{kv_cache.max_seq_len} positions are used")

@@ -39,7 +39,16 @@ import torch
 import torch.distributed as dist
 
 from nanochat_rs import common
-from nanochat_rs.recipe import DEFAULT_SCHEDULE, Schedule, lr_multiplier, muon_momentum, weight_decay_multiplier
+from nanochat_rs.recipe import (
+    DEFAULT_SCHEDULE,
+    DEFAULT_SFT_SCHEDULE,
+    Schedule,
+    SFTSchedule,
+    lr_multiplier,
+    muon_momentum,
+    sft_muon_momentum,
+    weight_decay_multiplier,
+)
 from nanochat_rs.util import check_number
 
 # Polar Express (Amsel, Persson, Musco, Gower, arXiv:2505.16932): per-iteration odd quintic
@@ -589,3 +598,31 @@ def apply_schedules(optimizer: torch.optim.Optimizer, step: int, num_iterations:
             group["weight_decay"] = group["initial_weight_decay"] * wdm
             group["momentum"] = momentum
     return {"lr_multiplier": lrm, "weight_decay_multiplier": wdm, "muon_momentum": momentum}
+
+
+def apply_sft_schedules(optimizer: torch.optim.Optimizer, step: int, progress: float,
+                        schedule: SFTSchedule = DEFAULT_SFT_SCHEDULE) -> dict[str, float]:
+    """Fine-tuning's schedules: lr = initial_lr * schedule.lr_multiplier(progress) for every group,
+    the Muon groups' momentum from `recipe.sft_muon_momentum(step)`; weight decay stays as set."""
+    lrm = schedule.lr_multiplier(progress)
+    momentum = sft_muon_momentum(step)
+    for group in optimizer.param_groups:
+        if "initial_lr" not in group:
+            raise ValueError("param group has no 'initial_lr' (MuonAdamW records it at construction)")
+        group["lr"] = group["initial_lr"] * lrm
+        if group.get("kind") == "muon":
+            group["momentum"] = momentum
+    return {"lr_multiplier": lrm, "muon_momentum": momentum}
+
+
+_HYPERPARAMETER_KEYS = ("lr", "initial_lr", "weight_decay", "initial_weight_decay", "momentum")
+
+
+def warm_start(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """Load another run's optimizer state (its momentum and second-moment buffers) but keep this
+    optimizer's hyperparameters: `load_state_dict` would also bring back the old run's LRs and weight
+    decay, which its schedule had driven to the end of their warmdown."""
+    kept = [{key: group[key] for key in _HYPERPARAMETER_KEYS if key in group} for group in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, values in zip(optimizer.param_groups, kept, strict=True):
+        group.update(values)

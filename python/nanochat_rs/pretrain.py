@@ -13,7 +13,8 @@ preset (see `plan_training`):
     wd          = recipe.scaled_weight_decay: keeps B / (lr * wd * D) at its d12 value
     iterations  = round(D / B)
 
-The loop: gradient accumulation up to the total batch, schedules from `optim.apply_schedules`,
+The loop (`training.run_loop`, shared with fine-tuning): gradient accumulation up to the total batch,
+schedules from `optim.apply_schedules`,
 validation bits-per-byte every `eval_every` steps, greedy samples every `sample_every` steps, and
 checkpoints (model, tokenizer, per-rank optimizer, per-rank dataloader state) every `save_every`
 steps and at the end. The model and the optimizer updates are torch.compile'd unless
@@ -23,11 +24,7 @@ step is random, so a resumed run reproduces the uninterrupted run's parameters b
 
 from __future__ import annotations
 
-import collections
-import contextlib
 import math
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -36,21 +33,26 @@ from typing import Any
 import torch
 
 from nanochat_rs import recipe
-from nanochat_rs.common import DistInfo, base_dir, compute_cleanup, compute_init, print0
+from nanochat_rs.checkpoint import BASE_CHECKPOINTS
+from nanochat_rs.common import DistInfo, base_dir, print0
 from nanochat_rs.gpt import GPT, GPTConfig, build_model, config_for_depth
-from nanochat_rs.memory import check_fits, checkpoint_bytes, format_bytes, training_memory_bytes
+from nanochat_rs.memory import check_fits, checkpoint_bytes, training_memory_bytes
 from nanochat_rs.recipe import PRESETS, Schedule
+from nanochat_rs.report import append_section
+from nanochat_rs.training import (
+    FixedSteps,
+    LoopHooks,
+    LoopSchedule,
+    LoopState,
+    close_batches,
+    ensure_writable,
+    full_precision,
+    run_loop,
+    run_on_device,
+    use_compile,
+)
 from nanochat_rs.util import check_int, check_number
 
-# Dense (non-sparse) bf16 tensor-core peak FLOP/s by a fragment of the CUDA device name: the
-# denominator of MFU. First match wins, so the PCIe/NVL H100 variants come before plain "H100".
-PEAK_BF16_FLOPS: tuple[tuple[str, float], ...] = (
-    ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12), ("H800", 989e12),
-    ("B200", 2250e12), ("A100", 312e12), ("A800", 312e12), ("L40S", 362e12),
-)
-
-LOSS_EMA_BETA = 0.9
-ETA_WINDOW_STEPS = 20  # the ETA follows the recent step time, not the run's average
 SAMPLE_PROMPTS = (
     "The capital of France is",
     "The Python programming language",
@@ -205,32 +207,13 @@ def plan_training(config: TrainConfig, vocab_size: int, world_size: int = 1) -> 
                      num_iterations=num_iterations, lr_scale=lr_scale, weight_decay=weight_decay, lrs=lrs)
 
 
-# ---- pieces of the loop ----------------------------------------------------------------------------
-
-
-@dataclass
-class LoopState:
-    """Everything besides model/optimizer/data that a resumed run continues from (for logging only)."""
-
-    smooth_loss: float = 0.0
-    training_time_s: float = 0.0
-    timed_steps: int = 0
-    val_bpb: float | None = None
-    min_val_bpb: float | None = None
+# ---- pieces of the job -------------------------------------------------------------------------------
 
 
 def _load_tokenizer(config: TrainConfig) -> Any:
     from nanochat_rs.tok_train import load_or_train_tokenizer
 
     return load_or_train_tokenizer(config.tokenizer_dir)
-
-
-def peak_flops(device_name: str) -> float | None:
-    """Dense bf16 peak FLOP/s of a CUDA device from its name; None when the device is not in the table."""
-    for fragment, flops in PEAK_BF16_FLOPS:
-        if fragment.lower() in device_name.lower():
-            return flops
-    return None
 
 
 def check_fp8_device(device: torch.device) -> None:
@@ -260,50 +243,8 @@ def _build_model(plan: TrainPlan, config: TrainConfig, device: torch.device) -> 
     return model
 
 
-def compile_available(device: torch.device) -> str | None:
-    """None when torch.compile works here; otherwise why not (one line).
-
-    A tiny forward+backward through the same backend the model will use: on CPU, inductor needs a
-    working C++ compiler, which a minimal machine may lack.
-    """
-    try:
-        probe = torch.compile(lambda x: (x * x).sum(), dynamic=False)
-        x = torch.ones(4, device=device, requires_grad=True)
-        probe(x).backward()
-    except Exception as e:  # dynamo/inductor raise many types (BackendCompilerFailed, CppCompileError, ...)
-        lines = str(e).strip().splitlines()
-        return f"{type(e).__name__}: {lines[0] if lines else ''}"
-    return None
-
-
-def ensure_writable(run_dir: Path, needed_bytes: int) -> None:
-    """Check before training (not after it) that checkpoints can be written: a clear error now instead
-    of a run whose result cannot be saved."""
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=run_dir, prefix=".write-probe-"):
-            pass
-    except OSError as e:
-        raise OSError(e.errno, f"cannot write checkpoints to {run_dir}: {e.strerror or e}; pass --run-dir "
-                               "or set NANOCHAT_BASE_DIR to a writable directory") from None
-    free = shutil.disk_usage(run_dir).free
-    if free < needed_bytes:
-        raise OSError(28, f"{run_dir} has {format_bytes(free)} free, a checkpoint of this run needs about "
-                          f"{format_bytes(needed_bytes)}; free some space or pass --run-dir")
-
-
-def _full_precision(model: torch.nn.Module, config: TrainConfig) -> contextlib.AbstractContextManager[Any]:
-    """Evaluation and sampling run without fp8 so their numbers are comparable across runs."""
-    if not config.fp8:
-        return contextlib.nullcontext()
-    from nanochat_rs.fp8 import disable_fp8
-
-    return disable_fp8(model)
-
-
 def _resume(run_dir: Path, config: TrainConfig, plan: TrainPlan, model: torch.nn.Module,
-            optimizer: torch.optim.Optimizer, info: DistInfo,
-            device: torch.device) -> tuple[int, Any, LoopState]:
+            optimizer: torch.optim.Optimizer, device: torch.device) -> tuple[int, Any, LoopState]:
     from nanochat_rs.checkpoint import CheckpointError, load_checkpoint
 
     model_state, optim_state, meta = load_checkpoint(run_dir, config.resume_step, device=device)
@@ -342,7 +283,7 @@ def _evaluate(model: torch.nn.Module, tokenizer: Any, config: TrainConfig, token
     try:
         return evaluate_bpb(model, batches, steps, token_bytes)
     finally:
-        _close(batches)
+        close_batches(batches)
 
 
 def _sample(model: Any, tokenizer: Any, max_tokens: int) -> None:
@@ -368,62 +309,7 @@ def _save(run_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.opt
     print0(f"Saved checkpoint {path}")
 
 
-class StepTimer:
-    """Recent step durations: the ETA follows the current speed, not the run's average (which the
-    first slow steps, an evaluation or a change of machine load would skew for the rest of the run)."""
-
-    def __init__(self, window: int = ETA_WINDOW_STEPS) -> None:
-        self.recent: collections.deque[float] = collections.deque(maxlen=window)
-
-    def add(self, seconds: float) -> None:
-        self.recent.append(seconds)
-
-    def eta_seconds(self, steps_left: int) -> float | None:
-        if not self.recent:
-            return None
-        return steps_left * sum(self.recent) / len(self.recent)
-
-
-def progress_line(step: int, num_iterations: int, loss: float, dt: float, tokens: int, eta_s: float | None,
-                  flops_per_token: float, peak_flops_per_gpu: float | None, world_size: int) -> str:
-    line = (f"step {step:05d}/{num_iterations:05d} ({100 * step / num_iterations:5.1f}%) | loss {loss:.6f} | "
-            f"dt {dt * 1000:8.1f} ms | tok/s {tokens / dt:,.0f}")
-    if peak_flops_per_gpu is not None:
-        mfu = flops_per_token * tokens / dt / (peak_flops_per_gpu * world_size)
-        line += f" | mfu {100 * mfu:.2f}%"
-    if eta_s is not None:
-        line += f" | eta {eta_s / 60:.1f} min"
-    return line
-
-
-def _is_due(step: int, every: int | None, last: bool) -> bool:
-    return last or (every is not None and every > 0 and step % every == 0)
-
-
-def _close(batches: Any) -> None:
-    # Generators (and loaders with a prefetch thread) release their resources on close().
-    close = getattr(batches, "close", None)
-    if close is not None:
-        close()
-
-
-def _device_peak_flops(device: torch.device) -> float | None:
-    """MFU's denominator on CUDA (None elsewhere, or for a GPU not in PEAK_BF16_FLOPS: no MFU shown)."""
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    flops = peak_flops(name)
-    if flops is None:
-        print0(f"Note: no bf16 peak FLOP/s known for {name}; the progress line will omit MFU")
-    return flops
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-# ---- the loop --------------------------------------------------------------------------------------
+# ---- the job ---------------------------------------------------------------------------------------
 
 
 def train(config: TrainConfig) -> dict[str, Any]:
@@ -431,14 +317,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
     from nanochat_rs.common import autodetect_device_type
 
     resolved = resolve_config(config, config.device_type or autodetect_device_type())
-    info, device = compute_init(resolved.device_type, seed=resolved.seed)
-    try:
-        summary = _train(resolved, info, device)
-    except BaseException:
-        compute_cleanup(wait_for_peers=False)
-        raise
-    compute_cleanup()
-    return summary
+    assert resolved.device_type is not None
+    return run_on_device(resolved.device_type, resolved.seed, lambda info, device: _train(resolved, info, device))
 
 
 def _train(config: TrainConfig, info: DistInfo, device: torch.device) -> dict[str, Any]:
@@ -449,87 +329,58 @@ def _train(config: TrainConfig, info: DistInfo, device: torch.device) -> dict[st
     tokenizer = _load_tokenizer(config)
     token_bytes = torch.tensor(tokenizer.token_bytes(), dtype=torch.int64, device=device)
     plan = plan_training(config, tokenizer.vocab_size, info.world_size)
-    run_dir = Path(config.run_dir) if config.run_dir else base_dir() / "base_checkpoints" / f"d{config.depth}"
+    run_dir = Path(config.run_dir) if config.run_dir else base_dir() / BASE_CHECKPOINTS / f"d{config.depth}"
     model = _build_model(plan, config, device)  # refuses a model that cannot fit before allocating it
     if info.rank == 0:
         ensure_writable(run_dir, checkpoint_bytes(plan.model_config))
-    use_compile = config.compile
-    if use_compile and (reason := compile_available(device)) is not None:
-        print0(f"Note: torch.compile is unavailable here ({reason}); training eagerly (pass --no-compile "
-               "to skip this check)")
-        use_compile = False
-    optimizer = model.setup_optimizer(**plan.lrs, weight_decay=plan.weight_decay, compiled_step=use_compile)
+    compiled = use_compile(config.compile, device)
+    optimizer = model.setup_optimizer(**plan.lrs, weight_decay=plan.weight_decay, compiled_step=compiled)
     step, loader_state, loop = 0, None, LoopState()
     if config.resume:
-        step, loader_state, loop = _resume(run_dir, config, plan, model, optimizer, info, device)
-    start_step = step
-    train_model = torch.compile(model, dynamic=False) if use_compile else model
-    flops_per_token = float(model.estimate_flops())
-    peak_flops_per_gpu = _device_peak_flops(device)
-    _print_plan(config, plan, run_dir, tokenizer.vocab_size, use_compile)
+        step, loader_state, loop = _resume(run_dir, config, plan, model, optimizer, device)
+    train_model = torch.compile(model, dynamic=False) if compiled else model
+    _print_plan(config, plan, run_dir, tokenizer.vocab_size, compiled)
 
+    def evaluate(at_step: int) -> None:
+        with full_precision(model, config.fp8):
+            loop.val_bpb = _evaluate(train_model, tokenizer, config, token_bytes, info, device)
+        loop.min_val_bpb = min(loop.val_bpb, loop.min_val_bpb or math.inf)
+        print0(f"step {at_step:05d} | validation bpb {loop.val_bpb:.6f}")
+
+    def sample() -> None:
+        with full_precision(model, config.fp8):
+            _sample(model, tokenizer, config.sample_max_tokens)
+
+    hooks = LoopHooks(
+        set_hyperparameters=lambda at_step, _: apply_schedules(optimizer, at_step, plan.num_iterations,
+                                                               config.schedule),
+        evaluate=evaluate, sample=sample,
+        save=lambda at_step, state: _save(run_dir, at_step, model, optimizer, state, loop, config, plan,
+                                          tokenizer, info))
     batches = tokenizing_data_loader(tokenizer, config.device_batch_size, config.sequence_len, "train",
                                      device=device, resume_state=loader_state, data_dir=config.data_dir)
-    num_iterations = plan.num_iterations
-    schedule = config.schedule
-    timer = StepTimer()
-    loss_value = float("nan")
     try:
-        while True:
-            last = step == num_iterations
-            # A resumed run already evaluated/sampled/saved its first step before the interruption.
-            fresh = step > start_step or not config.resume
-            if fresh and _is_due(step, config.eval_every, last):
-                with _full_precision(model, config):
-                    loop.val_bpb = _evaluate(train_model, tokenizer, config, token_bytes, info, device)
-                loop.min_val_bpb = min(loop.val_bpb, loop.min_val_bpb or math.inf)
-                print0(f"step {step:05d} | validation bpb {loop.val_bpb:.6f}")
-            if info.rank == 0 and step > start_step and _is_due(step, config.sample_every, last):
-                with _full_precision(model, config):
-                    _sample(model, tokenizer, config.sample_max_tokens)
-            if step > start_step and _is_due(step, config.save_every, last):
-                _save(run_dir, step, model, optimizer, loader_state, loop, config, plan, tokenizer, info)
-            if last:
-                break
-            _sync(device)
-            t0 = time.time()
-            loss_sum = torch.zeros((), device=device)
-            for _ in range(plan.grad_accum_steps):
-                inputs, targets, loader_state = next(batches)
-                loss = train_model(inputs, targets)
-                loss_sum += loss.detach()
-                (loss / plan.grad_accum_steps).backward()
-            apply_schedules(optimizer, step, num_iterations, schedule)
-            optimizer.step()
-            model.zero_grad(set_to_none=True)
-            loss_value = float(loss_sum.item()) / plan.grad_accum_steps  # also syncs the device
-            _sync(device)
-            dt = time.time() - t0
-            if step > start_step:  # the first step of a session pays for warm-up/compilation
-                loop.training_time_s += dt
-                loop.timed_steps += 1
-                timer.add(dt)
-            if not math.isfinite(loss_value):
-                raise FloatingPointError(f"training loss became {loss_value} at step {step}; lower the LRs")
-            loop.smooth_loss = LOSS_EMA_BETA * loop.smooth_loss + (1 - LOSS_EMA_BETA) * loss_value
-            step += 1
-            debiased = loop.smooth_loss / (1 - LOSS_EMA_BETA**step)
-            print0(progress_line(step, num_iterations, debiased, dt, plan.total_batch_size,
-                                 timer.eta_seconds(num_iterations - step), flops_per_token, peak_flops_per_gpu,
-                                 info.world_size))
+        result = run_loop(model=model, train_model=train_model, optimizer=optimizer, batches=batches,
+                          horizon=FixedSteps(plan.num_iterations), hooks=hooks,
+                          schedule=LoopSchedule(config.eval_every, config.sample_every, config.save_every),
+                          loop=loop, grad_accum_steps=plan.grad_accum_steps, tokens_per_step=plan.total_batch_size,
+                          start_step=step, resumed=config.resume, loader_state=loader_state, info=info,
+                          device=device, flops_per_token=float(model.estimate_flops()),
+                          num_iterations=plan.num_iterations)
     finally:
-        _close(batches)
+        close_batches(batches)
 
     summary = {
-        "steps": step, "num_iterations": num_iterations, "final_loss": loss_value,
+        "steps": result.step, "num_iterations": plan.num_iterations, "final_loss": result.final_loss,
         "final_val_bpb": loop.val_bpb, "min_val_bpb": loop.min_val_bpb,
         "training_time_s": loop.training_time_s, "wall_time_s": time.time() - wall_start,
-        "tokens_trained": step * plan.total_batch_size, "checkpoint_dir": str(run_dir),
+        "tokens_trained": result.step * plan.total_batch_size, "checkpoint_dir": str(run_dir),
         "num_scaling_params": plan.num_scaling_params,
     }
     print0(f"Done: {summary['steps']} steps, {summary['tokens_trained']:,} tokens, "
            f"wall time {summary['wall_time_s'] / 60:.2f} min, final val bpb {_fmt(loop.val_bpb)}, "
            f"min val bpb {_fmt(loop.min_val_bpb)}; checkpoints in {run_dir}")
+    append_section("base-train", {**summary, "config": asdict(config), "plan": asdict(plan)})
     return summary
 
 

@@ -194,3 +194,68 @@ PRESETS: dict[str, dict[str, Any]] = {
                 eval_every=100, eval_tokens=8 * 2048, sample_every=150, save_every=150,
                 scale_hyperparameters=False),
 }
+
+
+# ---- supervised fine-tuning (nanochat's chat_sft) --------------------------------------------------
+# Fine-tuning inherits the base run's sequence length, batch and LRs; these are its own numbers.
+
+SFT_INIT_LR_FRAC = 0.8  # the LRs start at this fraction of the base run's peak LRs
+SFT_WEIGHT_DECAY = 0.0  # pretraining's cosine has brought weight decay to zero; fine-tuning keeps it there
+
+
+@dataclass(frozen=True)
+class SFTSchedule:
+    """LR multiplier by progress through the run (0 -> 1): fine-tuning often ends when its data does,
+    so the schedule cannot be in steps. Linear warmup, constant, linear warmdown to final_lr_frac."""
+
+    warmup_ratio: float = 0.0
+    warmdown_ratio: float = 0.5
+    final_lr_frac: float = 0.0
+
+    def __post_init__(self) -> None:
+        check_number("warmup_ratio", self.warmup_ratio, 0.0, 1.0)
+        check_number("warmdown_ratio", self.warmdown_ratio, 0.0, 1.0)
+        check_number("final_lr_frac", self.final_lr_frac, 0.0, 1.0)
+        if self.warmup_ratio + self.warmdown_ratio > 1.0:
+            raise ValueError(f"warmup_ratio + warmdown_ratio must be <= 1, got {self.warmup_ratio} + "
+                             f"{self.warmdown_ratio}")
+
+    def lr_multiplier(self, progress: float) -> float:
+        check_number("progress", progress, 0.0, 1.0)
+        if progress < self.warmup_ratio:
+            return progress / self.warmup_ratio
+        if progress <= 1.0 - self.warmdown_ratio:
+            return 1.0
+        decay = (progress - (1.0 - self.warmdown_ratio)) / self.warmdown_ratio
+        return (1 - decay) + decay * self.final_lr_frac
+
+
+DEFAULT_SFT_SCHEDULE = SFTSchedule()
+
+SFT_MOMENTUM_START = 0.85
+SFT_MOMENTUM_END = 0.95
+SFT_MOMENTUM_RAMP_STEPS = 300
+
+
+def sft_muon_momentum(step: int) -> float:
+    """0.85 -> 0.95 over the first 300 steps, then 0.95."""
+    check_int("step", step, 0)
+    frac = min(step / SFT_MOMENTUM_RAMP_STEPS, 1.0)
+    return (1 - frac) * SFT_MOMENTUM_START + frac * SFT_MOMENTUM_END
+
+
+# The training mixtures, as task names of `nanochat_rs.tasks.registry` with their number of epochs.
+# "nanochat" is nanochat's (multiple choice from MMLU, math and tool use from GSM8K); the synthetic
+# mixture needs no download and teaches a skill a CPU-sized model can learn in minutes.
+SFT_MIXTURES: dict[str, tuple[tuple[str, int], ...]] = {
+    "nanochat": (("smoltalk", 1), ("identity", 2), ("mmlu", 3), ("gsm8k", 4), ("arithmetic", 1),
+                 ("letter-count", 1)),
+    "synthetic": (("arithmetic", 1), ("letter-count", 1), ("identity", 20)),
+}
+
+# Fine-tuning defaults by preset (speedrun with CUDA, cpu elsewhere); everything else is inherited.
+SFT_PRESETS: dict[str, dict[str, Any]] = {
+    "speedrun": dict(mixture="nanochat", eval_every=200, eval_tokens=40 * 2**19, eval_examples=24,
+                     save_every=1000),
+    "cpu": dict(mixture="synthetic", eval_every=200, eval_tokens=16 * 2048, eval_examples=64, save_every=200),
+}

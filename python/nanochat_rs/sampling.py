@@ -25,14 +25,25 @@ def _is_int(value: object) -> bool:
 
 
 def sample_next_token(logits: torch.Tensor, generator: torch.Generator, temperature: float = 1.0,
-                      top_k: int | None = None) -> torch.Tensor:
-    """One token id per row of `logits` (B, V) -> LongTensor (B,). Temperature 0 means argmax."""
+                      top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
+    """One token id per row of `logits` (B, V) -> LongTensor (B,). Temperature 0 means argmax.
+
+    Filters apply in the usual order: top-k on the logits, then temperature, then top-p (nucleus:
+    the smallest set of most likely tokens whose probability reaches `top_p`; the best token always
+    stays).
+    """
     if temperature == 0.0:
         return logits.argmax(dim=-1)
     if top_k is not None and top_k < logits.size(-1):
         kth_best = torch.topk(logits, top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth_best, float("-inf"))
     probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p is not None and top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        # a token is dropped once the more likely tokens before it already reach top_p
+        mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+        sorted_probs = sorted_probs.masked_fill(mass_before >= top_p, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
 
 
@@ -50,7 +61,7 @@ def check_prompt(tokens: object, vocab_size: int) -> list[int]:
 
 
 def check_sampling_args(max_tokens: object, temperature: object, top_k: object, seed: object, *,
-                        max_tokens_optional: bool = False) -> None:
+                        max_tokens_optional: bool = False, top_p: object = None) -> None:
     """Validate the sampling knobs; `max_tokens=None` is allowed only where the caller has a default.
 
     The one home of these rules: the Engine, `GPT.generate` and the chat job all check here.
@@ -70,6 +81,11 @@ def check_sampling_args(max_tokens: object, temperature: object, top_k: object, 
                          "noise; use a value between 0 (greedy) and about 2")
     if top_k is not None and (not _is_int(top_k) or top_k < 1):
         raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
+    if top_p is not None:
+        if isinstance(top_p, bool) or not isinstance(top_p, int | float):
+            raise TypeError(f"top_p must be a number or None, got {type(top_p).__name__}")
+        if not 0 < top_p <= 1:  # also rejects NaN
+            raise ValueError(f"top_p must be in (0, 1] (1 keeps every token), got {top_p!r}")
     if not _is_int(seed):
         raise TypeError(f"seed must be an int, got {type(seed).__name__}")
     if not 0 <= seed <= MAX_SEED:

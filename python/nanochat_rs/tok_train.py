@@ -15,7 +15,7 @@ import os
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 
 from nanochat_rs import cli
 from nanochat_rs.dataset import TEXT_COLUMN, check_text_column, embedded_corpus_dir, list_parquet_files
+from nanochat_rs.report import append_section
 from nanochat_rs.tokenizer import SPECIAL_TOKENS, Tokenizer, tokenizer_dir
 
 __all__ = ["DEFAULT_TOKENIZER_VOCAB", "ProgressPrinter", "TokTrainReport", "bytes_per_token", "iter_text_columns",
@@ -161,6 +162,7 @@ def _run(args: argparse.Namespace) -> None:
     out = tokenizer.save(args.output_dir or tokenizer_dir())
     print("\n".join(report.lines()))
     print(f"saved to:     {out}")
+    append_section("tokenizer", {"wall_time_s": report.seconds, **asdict(report), "directory": str(out)})
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,9 +1,10 @@
 //! The best-fit document store.
 //!
-//! Documents are keyed by `(length, arrival sequence number)`, so a `BTreeMap` answers both
-//! questions the packer asks in `O(log n)`: "longest document no longer than `r`, earliest among
-//! equals" and "shortest document, earliest among equals".
+//! Documents are keyed by `(length, reversed arrival sequence number)`, so a `BTreeMap` answers
+//! both questions the packer asks in `O(log n)`: "longest document no longer than `r`, earliest
+//! among equals" and "shortest document, earliest among equals".
 
+use std::cmp::Reverse;
 use std::collections::BTreeMap;
 
 /// One document: its tokens, its loss mask and its position in the arrival order of the stream.
@@ -32,10 +33,12 @@ pub type DocRef<'a> = (u64, &'a [u32], Option<&'a [u8]>);
 /// What the buffer keeps per document under its key: tokens and mask.
 type Stored = (Box<[u32]>, Option<Box<[u8]>>);
 
-/// Buffered documents ordered by length, then by arrival.
+/// Buffered documents ordered by length, then by arrival, latest first: among equal lengths the
+/// earliest arrived comes last, so the best fit for a space is the last key up to it, found
+/// by one descent of the tree (the placement every row makes).
 #[derive(Debug, Default, Clone)]
 pub struct DocBuffer {
-    docs: BTreeMap<(usize, u64), Stored>,
+    docs: BTreeMap<(usize, Reverse<u64>), Stored>,
     tokens: usize,
 }
 
@@ -60,35 +63,35 @@ impl DocBuffer {
 
     pub fn insert(&mut self, doc: Doc) {
         self.tokens += doc.len();
-        self.docs.insert((doc.len(), doc.seq), (doc.tokens, doc.mask));
+        self.docs.insert((doc.len(), Reverse(doc.seq)), (doc.tokens, doc.mask));
     }
 
     /// Remove the document with this length and sequence number, if held.
     pub fn remove(&mut self, len: usize, seq: u64) -> Option<Doc> {
-        let (tokens, mask) = self.docs.remove(&(len, seq))?;
+        let (tokens, mask) = self.docs.remove(&(len, Reverse(seq)))?;
         self.tokens -= tokens.len();
         Some(Doc { seq, tokens, mask })
     }
 
     /// Remove and return the longest document with `len <= max_len` (earliest arrived among equals).
     pub fn take_longest_fitting(&mut self, max_len: usize) -> Option<Doc> {
-        // The last key <= (max_len, MAX) has the best length but the *latest* arrival of that
-        // length; a second lookup finds the earliest one.
-        let (&(len, _), _) = self.docs.range(..=(max_len, u64::MAX)).next_back()?;
-        let (&(_, seq), _) = self.docs.range((len, 0)..).next()?;
+        // `Reverse(0)` is the greatest key of a length: the last key up to it is the earliest
+        // arrived of the longest length that fits.
+        let (&(len, Reverse(seq)), _) = self.docs.range(..=(max_len, Reverse(0))).next_back()?;
         self.remove(len, seq)
     }
 
     /// Remove and return the shortest document (earliest arrived among equals).
     pub fn take_shortest(&mut self) -> Option<Doc> {
-        let (&(len, seq), _) = self.docs.first_key_value()?;
-        self.remove(len, seq)
+        // The first key has the shortest length but the latest arrival of it.
+        let (&(len, _), _) = self.docs.first_key_value()?;
+        self.take_longest_fitting(len)
     }
 
     /// All documents in arrival order, with their masks.
     pub fn by_arrival(&self) -> Vec<DocRef<'_>> {
         let mut docs: Vec<DocRef<'_>> =
-            self.docs.iter().map(|(&(_, seq), (t, m))| (seq, &t[..], m.as_deref())).collect();
+            self.docs.iter().map(|(&(_, Reverse(seq)), (t, m))| (seq, &t[..], m.as_deref())).collect();
         docs.sort_unstable_by_key(|&(seq, _, _)| seq);
         docs
     }

@@ -11,11 +11,14 @@ and the operator assigns every problem to exactly one split).
 
 from __future__ import annotations
 
-from nanochat_rs.calculator import evaluate, format_result
+import operator
+
+from nanochat_rs.calculator import format_result
 from nanochat_rs.tasks.base import CalculatorTask, Conversation
 
 TEST_SHARE = 10  # one problem in ten belongs to the test split
 OPERATORS = {"+": (2, 9999), "-": (2, 9999), "*": (2, 999)}  # operand range per operator
+OPERATIONS = {"+": operator.add, "-": operator.sub, "*": operator.mul}
 PHRASINGS = ("What is {a} {op} {b}?", "Compute {a} {op} {b}.", "Calculate {a}{op}{b}", "{a} {op} {b} = ?",
              "What's {a} {op} {b}?")
 
@@ -30,7 +33,7 @@ class Arithmetic(CalculatorTask):
     """`size` seeded problems of one split (+, -, * on integers), each answered with the calculator."""
 
     eval_type = "generative"
-    DEFAULT_SIZES = {"train": 20_000, "test": 500}
+    DEFAULT_SIZES = {"train": 8_000, "test": 500}  # sized for minutes of CPU fine-tuning
 
     def problem(self, index: int) -> tuple[int, str, int, str]:
         """(a, op, b, question) of example `index`: drawn until the problem is in this split."""
@@ -45,9 +48,9 @@ class Arithmetic(CalculatorTask):
     def get_example(self, index: int) -> Conversation:
         a, op, b, question = self.problem(index)
         expression = f"{a}{op}{b}"
-        result = evaluate(expression)
-        assert result.ok and result.value is not None  # operands are small integers
-        answer = format_result(result.value)
+        # computed here, not by the calculator: its wall-clock deadline must not decide what the data is
+        # (the test suite checks that the calculator gives the same output)
+        answer = format_result(OPERATIONS[op](a, b))
         return [
             {"role": "user", "content": question},
             {"role": "assistant", "content": [

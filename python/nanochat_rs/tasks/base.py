@@ -91,6 +91,9 @@ class TaskMixture(Task):
 
 SPLITS = ("train", "test")
 _NUMBER = re.compile(r"-?\d+")
+# a tool call and the output the engine forced after it, as they appear in a decoded reply
+_TOOL_BLOCK = re.compile(r"<\|python_start\|>.*?(?:<\|python_end\|>|$)|<\|output_start\|>.*?(?:<\|output_end\|>|$)",
+                         re.DOTALL)
 
 
 class CalculatorTask(Task):
@@ -120,5 +123,7 @@ class CalculatorTask(Task):
         return next(part["text"] for part in conversation[-1]["content"] if part["type"] == "python_output")
 
     def evaluate(self, conversation: Conversation, completion: str) -> bool:
-        numbers = _NUMBER.findall(completion)
+        """The last number the assistant states itself (outside tool calls and their forced output)
+        must be the result: a reply that calls the tool correctly but never states the answer fails."""
+        numbers = _NUMBER.findall(_TOOL_BLOCK.sub(" ", completion))
         return bool(numbers) and numbers[-1] == self.answer(conversation)

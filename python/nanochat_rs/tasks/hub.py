@@ -47,6 +47,7 @@ from nanochat_rs.util import atomic_write
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 LISTING = "listing.json"
+PROBE_TIMEOUT_S = 3.0  # `hub_reachable`: long enough for a slow link, short next to a download's retries
 SHUFFLE_SEED = 42  # a fixed order, so `stop=N` subsets of sorted splits (MMLU is sorted by subject) are mixed
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -54,6 +55,20 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 def hub_endpoint() -> str:
     """The Hub's base URL: `HF_ENDPOINT` (mirrors) or the public default."""
     return (os.environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/")
+
+
+def hub_reachable(timeout_s: float = PROBE_TIMEOUT_S) -> bool:
+    """Whether `hub_endpoint()` answers HTTP at all within `timeout_s` (any status: a server is there).
+
+    For callers that would rather leave Hub tasks out than wait out a download's retries offline."""
+    request = urllib.request.Request(hub_endpoint(), method="HEAD", headers={"User-Agent": "nanochat_rs"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s):
+            return True
+    except urllib.error.HTTPError:  # an error status still comes from a reachable server
+        return True
+    except (urllib.error.URLError, OSError, http.client.HTTPException, ValueError):  # ValueError: a malformed URL
+        return False
 
 
 def _check_name(what: str, value: object) -> str:
@@ -73,6 +88,12 @@ def split_dir(repo: str, config: str, split: str) -> Path:
     _check_name("repo owner", owner)
     _check_name("repo name", name)
     return base_dir() / "task_data" / f"{owner}__{name}" / _check_name("config", config) / _check_name("split", split)
+
+
+def is_downloaded(repo: str, config: str, split: str) -> bool:
+    """Whether (repo, config, split) is on disk complete, so loading it needs no network access."""
+    directory = split_dir(repo, config, split)
+    return directory.is_dir() and _local_files(directory) is not None
 
 
 def _natural_key(path: Path) -> list[Any]:

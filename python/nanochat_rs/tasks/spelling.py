@@ -6,17 +6,22 @@ Tokens hide the letters of a word from the model, so it learns to ask the tool i
     assistant: <|python_start|>'strawberry'.count('r')<|python_end|><|output_start|>3<|output_end|>
                There are 3 'r' in 'strawberry'.
 
-Words come from a fixed list; train and test use disjoint words (a fixed hash of the word).
+Words come from a fixed list; train and test use disjoint words (a fixed hash of the word). Half of the
+training questions ask about made-up letter strings instead: with only a hundred real words a small model
+would memorise their spelling rather than learn to copy an unseen word into the tool call.
 """
 
 from __future__ import annotations
 
 import zlib
 
-from nanochat_rs.calculator import evaluate, format_result
+from nanochat_rs.calculator import format_result
 from nanochat_rs.tasks.base import CalculatorTask, Conversation
 
 TEST_SHARE = 8  # one word in eight is held out
+MADE_UP_SHARE = 0.5  # of the training questions: about a random letter string, not a listed word
+MADE_UP_LENGTHS = (3, 12)
+LETTERS = "abcdefghijklmnopqrstuvwxyz"
 WORDS = tuple("""
 strawberry banana apple orange grape cherry lemon melon peach pear plum mango papaya coconut apricot
 mississippi committee balloon bookkeeper coffee cookie bubble letter little middle puzzle pepper
@@ -49,13 +54,14 @@ class LetterCount(CalculatorTask):
 
     def get_example(self, index: int) -> Conversation:
         rng = self.rng(index)
-        word = rng.choice(self.words)
+        if self.split == "train" and rng.random() < MADE_UP_SHARE:
+            word = "".join(rng.choice(LETTERS) for _ in range(rng.randint(*MADE_UP_LENGTHS)))
+        else:
+            word = rng.choice(self.words)
         # mostly letters of the word, sometimes one it lacks (the answer 0 matters too)
-        letter = rng.choice(word) if rng.random() < 0.8 else rng.choice("abcdefghijklmnopqrstuvwxyz")
+        letter = rng.choice(word) if rng.random() < 0.8 else rng.choice(LETTERS)
         expression = f"'{word}'.count('{letter}')"
-        result = evaluate(expression)
-        assert result.ok and result.value is not None
-        count = format_result(result.value)
+        count = format_result(word.count(letter))  # as in arithmetic.py: not through the calculator
         return [
             {"role": "user", "content": rng.choice(PHRASINGS).format(letter=letter, word=word)},
             {"role": "assistant", "content": [

@@ -1,0 +1,305 @@
+"""The HTTP server, through the real `openai` client (and httpx for what that client cannot send):
+a tiny random GPT served in-process by uvicorn on a free loopback port, its answers checked against
+the Engine run directly on the same model."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+fastapi = pytest.importorskip("fastapi")
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
+uvicorn = pytest.importorskip("uvicorn")
+
+from cli_helpers import one_line_error, run_main  # noqa: E402
+from nanochat_rs.batching import BatchScheduler, SamplingParams  # noqa: E402
+from nanochat_rs.conversation import readable_reply, render_for_completion  # noqa: E402
+from nanochat_rs.engine import Engine  # noqa: E402
+from nanochat_rs.serve import main  # noqa: E402
+from nanochat_rs.serve.app import create_app  # noqa: E402
+from nanochat_rs.serve.cli import is_loopback  # noqa: E402
+from nanochat_rs.serve.text import ReplyText  # noqa: E402
+from nanochat_rs.tokenizer import Tokenizer  # noqa: E402
+from test_engine import make_model, small_tokenizer  # noqa: E402
+
+KEY = "test-key"
+MODEL = "tiny"
+CONTEXT = 64
+MAX_TOKENS = 12
+MAX_BODY = 4096
+HELLO = [{"role": "user", "content": "hello there"}]
+
+
+@dataclass
+class Server:
+    url: str
+    scheduler: BatchScheduler
+    tokenizer: Tokenizer
+
+    def client(self, api_key: str = KEY) -> Any:
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=api_key, max_retries=0, timeout=30)
+
+
+@pytest.fixture(scope="module")
+def tok() -> Tokenizer:
+    return small_tokenizer()
+
+
+def serve(scheduler: BatchScheduler, tokenizer: Tokenizer) -> Iterator[Server]:
+    """Run the app on a free 127.0.0.1 port in a background thread until the caller is done."""
+    app = create_app(tokenizer, scheduler, model_name=MODEL, api_key=KEY, max_body_bytes=MAX_BODY)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    for _ in range(200):
+        if server.started:
+            break
+        time.sleep(0.05)
+    assert server.started, "the server did not start"
+    try:
+        yield Server(f"http://127.0.0.1:{sock.getsockname()[1]}", scheduler, tokenizer)
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        sock.close()
+        scheduler.close(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def server(tok: Tokenizer) -> Iterator[Server]:
+    scheduler = BatchScheduler(make_model(tok, sequence_len=CONTEXT), tok, max_batch_size=4, max_queue=16)
+    scheduler.start()
+    yield from serve(scheduler, tok)
+
+
+@pytest.fixture
+def idle_server(tok: Tokenizer) -> Iterator[Server]:
+    """A server whose scheduler takes one request and is stepped only by the test."""
+    yield from serve(BatchScheduler(make_model(tok, sequence_len=256), tok, max_batch_size=1, max_queue=0), tok)
+
+
+def engine_reply(server: Server, prompt: list[int], **kwargs: Any) -> list[int]:
+    engine = Engine(server.scheduler.model, server.tokenizer)
+    reply: list[int] = []
+    for column, _ in engine.generate(prompt, **kwargs):
+        if column[0] in (server.tokenizer.encode_special("<|assistant_end|>"), server.tokenizer.bos_token_id):
+            break
+        reply.append(column[0])
+    return reply
+
+
+def chat(server: Server, messages: list[dict[str, Any]] = HELLO, **kwargs: Any) -> Any:
+    options = {"max_tokens": MAX_TOKENS, "temperature": 0.0, **kwargs}
+    return server.client().chat.completions.create(model=MODEL, messages=messages, **options)
+
+
+def stream_chat(server: Server, messages: list[dict[str, Any]] = HELLO, **kwargs: Any) -> list[Any]:
+    return list(chat(server, messages, stream=True, **kwargs))
+
+
+def streamed_text(chunks: list[Any], index: int = 0) -> str:
+    return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices and c.choices[0].index == index)
+
+
+# ---- answers -------------------------------------------------------------------------------------
+
+
+def test_greedy_chat_answer_is_the_engine_answer(server: Server) -> None:
+    prompt = render_for_completion(server.tokenizer, HELLO)
+    expected = readable_reply(server.tokenizer, engine_reply(server, prompt, max_tokens=MAX_TOKENS, temperature=0.0))
+    assert expected.strip(), "the test model should say something"
+    response = chat(server)
+    assert response.object == "chat.completion" and response.model == MODEL
+    [choice] = response.choices
+    assert (choice.message.role, choice.message.content, choice.finish_reason) == ("assistant", expected, "length")
+    assert (response.usage.prompt_tokens, response.usage.completion_tokens) == (len(prompt), MAX_TOKENS)
+    assert response.usage.total_tokens == len(prompt) + MAX_TOKENS
+
+
+def test_streaming_sends_the_same_text_in_openai_chunks(server: Server) -> None:
+    chunks = stream_chat(server, stream_options={"include_usage": True})
+    assert all(c.object == "chat.completion.chunk" for c in chunks)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    finals = [c for c in chunks if c.choices and c.choices[0].finish_reason is not None]
+    assert [c.choices[0].finish_reason for c in finals] == ["length"]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == MAX_TOKENS
+    assert len([c for c in chunks if c.choices and c.choices[0].delta.content]) > 1, "text should arrive in pieces"
+    assert streamed_text(chunks) == chat(server).choices[0].message.content
+
+
+def test_raw_completion_is_the_engine_continuation(server: Server) -> None:
+    tokenizer = server.tokenizer
+    prompt = [tokenizer.bos_token_id, *tokenizer.encode("two plus two is")]
+    expected = tokenizer.decode(engine_reply(server, prompt, max_tokens=MAX_TOKENS, temperature=0.0))
+    client = server.client()
+    response = client.completions.create(model=MODEL, prompt="two plus two is", max_tokens=MAX_TOKENS, temperature=0)
+    assert response.choices[0].text == expected and response.choices[0].finish_reason == "length"
+    chunks = list(client.completions.create(model=MODEL, prompt="two plus two is", max_tokens=MAX_TOKENS,
+                                            temperature=0, stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == expected
+
+
+def test_n_choices_are_the_samples_of_consecutive_seeds(server: Server) -> None:
+    response = chat(server, n=3, temperature=1.0, seed=7)
+    assert [c.index for c in response.choices] == [0, 1, 2]
+    singles = [chat(server, temperature=1.0, seed=7 + i).choices[0].message.content for i in range(3)]
+    assert [c.message.content for c in response.choices] == singles
+    assert response.usage.completion_tokens == 3 * MAX_TOKENS
+    chunks = stream_chat(server, n=3, temperature=1.0, seed=7)
+    assert [streamed_text(chunks, i) for i in range(3)] == singles
+
+
+def test_same_seed_same_text(server: Server) -> None:
+    first, again, other = (chat(server, temperature=1.0, top_p=0.9, extra_body={"top_k": 40}, seed=seed)
+                           .choices[0].message.content for seed in (123, 123, 124))
+    assert first == again
+    assert first != other
+
+
+def test_stop_sequence_ends_the_reply_before_it(server: Server) -> None:
+    full = chat(server).choices[0].message.content
+    stop = full[len(full) // 2:len(full) // 2 + 2]
+    assert len(stop) == 2
+    expected = full[:full.find(stop)]
+    response = chat(server, stop=[stop, "\x00never"])
+    assert (response.choices[0].message.content, response.choices[0].finish_reason) == (expected, "stop")
+    chunks = stream_chat(server, stop=stop)
+    assert streamed_text(chunks) == expected
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_sixteen_concurrent_streaming_clients_get_their_own_answers(server: Server) -> None:
+    conversations = [[{"role": "user", "content": f"what is {i} plus {i}?"}] for i in range(16)]
+    expected = [readable_reply(server.tokenizer, engine_reply(server, render_for_completion(server.tokenizer, c),
+                                                              max_tokens=MAX_TOKENS, temperature=0.0))
+                for c in conversations]
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(lambda c: streamed_text(stream_chat(server, c)), conversations))
+    assert answers == expected
+    assert server.scheduler.load().running == 0
+
+
+# ---- bad requests --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("kwargs", "param"), [
+    ({"messages": [{"role": "robot", "content": "hi"}]}, "messages"),
+    ({"messages": []}, "messages"),
+    ({"messages": [{"role": "user", "content": "hello there " * 40}]}, "messages"),
+    ({"max_tokens": 0}, "max_tokens"),
+    ({"max_tokens": CONTEXT}, "max_tokens"),
+    ({"max_completion_tokens": -1, "max_tokens": None}, "max_tokens"),
+    ({"temperature": -1.0}, None),
+    ({"seed": -5}, None),
+], ids=["unknown-role", "no-messages", "prompt-too-long", "max-tokens-0", "max-tokens-too-big",
+        "max-completion-tokens", "temperature", "seed"])
+def test_bad_requests_are_400(server: Server, kwargs: dict[str, Any], param: str | None) -> None:
+    messages = kwargs.pop("messages", HELLO)
+    with pytest.raises(openai.BadRequestError) as caught:
+        chat(server, messages, **kwargs)
+    error = caught.value.body
+    assert set(error) >= {"message", "type", "param", "code"} and error["type"] == "invalid_request_error"
+    assert error["param"] == param and error["message"]
+
+
+def test_prompt_longer_than_the_context_says_so(server: Server) -> None:
+    with pytest.raises(openai.BadRequestError) as caught:
+        chat(server, [{"role": "user", "content": "hello there " * 40}])
+    assert caught.value.body["code"] == "context_length_exceeded"
+    assert f"context is {CONTEXT} tokens" in caught.value.body["message"]
+
+
+def test_unknown_model_is_404(server: Server) -> None:
+    with pytest.raises(openai.NotFoundError) as caught:
+        server.client().chat.completions.create(model="gpt-4", messages=HELLO)
+    assert caught.value.body["code"] == "model_not_found"
+    with pytest.raises(openai.NotFoundError):
+        server.client().models.retrieve("gpt-4")
+
+
+def test_malformed_json_and_bad_fields_are_400(server: Server) -> None:
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    for body in (b"{not json", b'{"model": "tiny", "messages": "hello"}', b'{"model": "tiny"}', b"[1, 2]"):
+        response = httpx.post(f"{server.url}/v1/chat/completions", content=body, headers=headers)
+        assert response.status_code == 400, body
+        assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_too_big_bodies_are_413_whatever_content_length_says(server: Server) -> None:
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    body = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "x" * MAX_BODY}]}).encode()
+    declared = httpx.post(f"{server.url}/v1/chat/completions", content=body, headers=headers)
+    chunked = httpx.post(f"{server.url}/v1/chat/completions", content=iter([body[:100], body[100:]]), headers=headers)
+    for response in (declared, chunked):
+        assert response.status_code == 413
+        assert response.json()["error"]["code"] == "request_too_large"
+
+
+def test_api_key_is_required_on_v1(server: Server) -> None:
+    with pytest.raises(openai.AuthenticationError):
+        server.client(api_key="wrong-key").models.list()
+    for headers in ({}, {"Authorization": "Bearer"}, {"Authorization": f"Basic {KEY}"}):
+        response = httpx.get(f"{server.url}/v1/models", headers=headers)
+        assert response.status_code == 401 and response.json()["error"]["code"] == "invalid_api_key"
+    assert httpx.post(f"{server.url}/v1/chat/completions", content=b"{bad").status_code == 401
+    assert [m.id for m in server.client().models.list()] == [MODEL]
+
+
+def test_health_and_page_need_no_key(server: Server) -> None:
+    health = httpx.get(f"{server.url}/health")
+    assert health.status_code == 200 and health.json()["status"] == "ok" and health.json()["model"] == MODEL
+    page = httpx.get(f"{server.url}/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert "/v1/chat/completions" in page.text
+
+
+def test_full_queue_is_429(idle_server: Server, tok: Tokenizer) -> None:
+    held = idle_server.scheduler.submit([tok.bos_token_id], SamplingParams(max_tokens=4))
+    with pytest.raises(openai.RateLimitError):
+        chat(idle_server)
+    held.cancel()
+
+
+def test_a_client_that_disconnects_mid_stream_frees_its_slot(idle_server: Server) -> None:
+    headers = {"Authorization": f"Bearer {KEY}"}
+    body = {"model": MODEL, "messages": HELLO, "max_tokens": 200, "stream": True}
+    scheduler = idle_server.scheduler
+    with httpx.stream("POST", f"{idle_server.url}/v1/chat/completions", json=body, headers=headers) as response:
+        scheduler.step()  # admit, prefill, emit the first token
+        assert next(response.iter_lines()).startswith("data: ")
+    # the test steps the scheduler itself: the request could only finish in 100 steps by being cancelled
+    for _ in range(100):
+        scheduler.step()
+        if scheduler.load().running == 0:
+            break
+        time.sleep(0.05)
+    assert scheduler.load().running == 0
+
+
+# ---- the pieces ------------------------------------------------------------------------------------
+
+
+def test_reply_text_holds_back_partial_characters_and_possible_stops() -> None:
+    pieces = ["caf", "\xc3", "\xa9 st", "o", "p here"]
+    reply = ReplyText(lambda tokens: "".join(pieces[i] for i in tokens).encode("latin-1").decode("utf-8", "replace"),
+                      stops=["stop"])
+    assert [reply.add(i) for i in range(5)] == ["caf", "", "é ", "", ""]
+    assert (reply.text, reply.stopped) == ("café ", True)
+
+
+def test_command_line_checks_options_before_loading(capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run_main(main, ["--max-batch-size", "0"], capsys)
+    assert code == 2 and "--max-batch-size must be positive" in one_line_error(err)
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
+    assert not is_loopback("0.0.0.0") and not is_loopback("example.com")
