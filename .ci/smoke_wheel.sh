@@ -52,8 +52,8 @@ assert nanochat_rs.__version__ not in ("", "0+unknown"), nanochat_rs.__version__
 print(f"nanochat_rs {nanochat_rs.__version__} from {Path(nanochat_rs.__file__).parent}")
 EOF
 
-jobs=(nanochat-tok-train nanochat-train nanochat-sft nanochat-chat nanochat-eval nanochat-data nanochat-convert
-      nanochat-tok-eval nanochat-report)
+jobs=(nanochat-tok-train nanochat-train nanochat-sft nanochat-chat nanochat-eval nanochat-serve nanochat-data
+      nanochat-convert nanochat-tok-eval nanochat-report)
 for job in "${jobs[@]}"; do
     "$job" --help > /dev/null || { echo "error: $job --help failed" >&2; exit 1; }
 done

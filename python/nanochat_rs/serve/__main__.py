@@ -1,0 +1,3 @@
+from nanochat_rs.serve.cli import main
+
+main()
