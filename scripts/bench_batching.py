@@ -19,16 +19,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
+from bench_inference import load_or_build  # this directory: the bench's model, built the same way
 from nanochat_rs.batching import BatchScheduler, Event, SamplingParams, TokenEvent
 from nanochat_rs.common import autodetect_device_type, compute_cleanup, compute_init
 from nanochat_rs.engine import Engine, SpecialTokens
-
-if TYPE_CHECKING:
-    from nanochat_rs.gpt import GPT
-    from nanochat_rs.tokenizer import Tokenizer
 
 
 @dataclass(frozen=True)
@@ -66,20 +62,6 @@ def parse_args() -> argparse.Namespace:
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     return args
-
-
-def load_or_build(args: argparse.Namespace, device: torch.device) -> tuple[GPT, Tokenizer]:
-    if args.checkpoint is not None:
-        from nanochat_rs.checkpoint import load_model
-
-        model, tokenizer, _ = load_model(args.checkpoint, device)
-        return model, tokenizer
-    from nanochat_rs.gpt import build_model, config_for_depth
-    from nanochat_rs.tok_train import load_or_train_tokenizer
-
-    tokenizer = load_or_train_tokenizer()
-    config = config_for_depth(args.depth, vocab_size=tokenizer.vocab_size, sequence_len=args.sequence_len)
-    return build_model(config, device).eval(), tokenizer
 
 
 def make_prompts(count: int, lengths: tuple[int, int], vocab_size: int, bos: int) -> list[list[int]]:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+import pytest
 import torch
 from nanochat_rs.gpt import GPT, GPTConfig, build_model
 
@@ -25,3 +28,16 @@ def randomise(model: GPT, seed: int = 0) -> GPT:
 def random_gpt(config: GPTConfig, seed: int = 0) -> GPT:
     """A GPT built the production way, then fully randomised, in eval mode."""
     return randomise(build_gpt(config), seed).eval()
+
+
+def record_fed_tokens(model: GPT, monkeypatch: pytest.MonkeyPatch) -> list[list[list[int]]]:
+    """Spy on the model: every forward's input ids, as nested lists."""
+    fed: list[list[list[int]]] = []
+    original = model.forward
+
+    def forward(idx: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        fed.append(idx.tolist())
+        return original(idx, *args, **kwargs)
+
+    monkeypatch.setattr(model, "forward", forward)
+    return fed

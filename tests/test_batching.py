@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import torch
+from model_helpers import record_fed_tokens
 from nanochat_rs import batching
 from nanochat_rs import engine as engine_module
 from nanochat_rs.batching import (
@@ -81,19 +82,6 @@ class Recorder:
         return [e.token for e in self.events if isinstance(e, TokenEvent)]
 
 
-def spy_forward(model: GPT, monkeypatch: pytest.MonkeyPatch) -> list[list[list[int]]]:
-    """Record the input ids (batch x tokens) of every forward."""
-    fed: list[list[list[int]]] = []
-    original = model.forward
-
-    def forward(idx: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        fed.append(idx.tolist())
-        return original(idx, *args, **kwargs)
-
-    monkeypatch.setattr(model, "forward", forward)
-    return fed
-
-
 def scripted_by_seed(scripts: dict[int, list[int]], filler: int) -> Callable[..., torch.Tensor]:
     """A stand-in for sample_next_token: the generator seeded with s 'samples' scripts[s] in order,
     then `filler`. It serves the Engine and the scheduler alike (both draw once per step per sample)."""
@@ -119,7 +107,7 @@ def test_greedy_requests_joining_at_different_times_equal_the_engine(tok: Tokeni
     prompts = [random_prompt(tok, n, seed=n) for n, _ in cases]
     expected = [engine_tokens(engine, prompt, max_tokens=max_tokens, temperature=0.0)
                 for prompt, (_, max_tokens) in zip(prompts, cases, strict=True)]
-    fed = spy_forward(model, monkeypatch)
+    fed = record_fed_tokens(model, monkeypatch)
     scheduler = BatchScheduler(model, tok, max_batch_size=3, prefill_chunk=8, page_size=4)
     handles = []
     for prompt, (_, max_tokens) in zip(prompts, cases, strict=True):
@@ -195,7 +183,7 @@ def test_a_long_prompt_is_prefilled_in_chunks_between_decode_steps(tok: Tokenize
     running, long = Recorder(), Recorder()
     scheduler.submit(random_prompt(tok, 4), greedy(40), on_event=running)
     scheduler.step()
-    fed = spy_forward(model, monkeypatch)
+    fed = record_fed_tokens(model, monkeypatch)
     handle = scheduler.submit(long_prompt, greedy(5), on_event=long)
     decoded_meanwhile = 0
     while not long.tokens:
@@ -308,7 +296,7 @@ def test_forced_tokens_are_fed_to_the_model(tok: Tokenizer, model: GPT, monkeypa
     sp = tok.encode_special
     call = [sp("<|python_start|>"), *tok.encode("6*7"), sp("<|python_end|>")]
     monkeypatch.setattr(batching, "sample_next_token", scripted_by_seed({1: call}, tok.encode("a")[0]))
-    fed = spy_forward(model, monkeypatch)
+    fed = record_fed_tokens(model, monkeypatch)
     prompt = random_prompt(tok, 4)
     scheduler = BatchScheduler(model, tok, max_batch_size=1)
     handle = scheduler.submit(prompt, SamplingParams(max_tokens=12, seed=1))

@@ -11,7 +11,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from model_helpers import random_gpt
+from model_helpers import random_gpt, record_fed_tokens
 from nanochat_rs import engine as engine_module
 from nanochat_rs import kv_cache
 from nanochat_rs.engine import Engine, KVCache, sample_next_token
@@ -232,19 +232,6 @@ def scripted_sampler(scripts: list[list[int]], filler: int) -> Callable[..., tor
         return torch.tensor(out)
 
     return sample
-
-
-def record_fed_tokens(model: GPT, monkeypatch: pytest.MonkeyPatch) -> list[list[list[int]]]:
-    """Spy on the model: every forward's input ids, as nested lists."""
-    fed: list[list[list[int]]] = []
-    original = model.forward
-
-    def forward(idx: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        fed.append(idx.tolist())
-        return original(idx, *args, **kwargs)
-
-    monkeypatch.setattr(model, "forward", forward)
-    return fed
 
 
 def test_calculator_output_is_forced_with_mask_zero(tok: Tokenizer, monkeypatch: pytest.MonkeyPatch) -> None:
