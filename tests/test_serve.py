@@ -5,12 +5,9 @@ the Engine run directly on the same model."""
 from __future__ import annotations
 
 import json
-import socket
-import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -25,55 +22,20 @@ from nanochat_rs.batching import BatchScheduler, SamplingParams  # noqa: E402
 from nanochat_rs.conversation import readable_reply, render_for_completion  # noqa: E402
 from nanochat_rs.engine import Engine  # noqa: E402
 from nanochat_rs.serve import main  # noqa: E402
-from nanochat_rs.serve.app import create_app  # noqa: E402
 from nanochat_rs.serve.cli import is_loopback  # noqa: E402
 from nanochat_rs.serve.text import ReplyText  # noqa: E402
 from nanochat_rs.tokenizer import Tokenizer  # noqa: E402
+from serve_helpers import KEY, MAX_BODY, MODEL, Server, serve  # noqa: E402
 from test_engine import make_model, small_tokenizer  # noqa: E402
 
-KEY = "test-key"
-MODEL = "tiny"
 CONTEXT = 64
 MAX_TOKENS = 12
-MAX_BODY = 4096
 HELLO = [{"role": "user", "content": "hello there"}]
-
-
-@dataclass
-class Server:
-    url: str
-    scheduler: BatchScheduler
-    tokenizer: Tokenizer
-
-    def client(self, api_key: str = KEY) -> Any:
-        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=api_key, max_retries=0, timeout=30)
 
 
 @pytest.fixture(scope="module")
 def tok() -> Tokenizer:
     return small_tokenizer()
-
-
-def serve(scheduler: BatchScheduler, tokenizer: Tokenizer) -> Iterator[Server]:
-    """Run the app on a free 127.0.0.1 port in a background thread until the caller is done."""
-    app = create_app(tokenizer, scheduler, model_name=MODEL, api_key=KEY, max_body_bytes=MAX_BODY)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    for _ in range(200):
-        if server.started:
-            break
-        time.sleep(0.05)
-    assert server.started, "the server did not start"
-    try:
-        yield Server(f"http://127.0.0.1:{sock.getsockname()[1]}", scheduler, tokenizer)
-    finally:
-        server.should_exit = True
-        thread.join(30)
-        sock.close()
-        scheduler.close(timeout=30)
 
 
 @pytest.fixture(scope="module")

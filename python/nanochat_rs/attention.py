@@ -17,11 +17,12 @@ chunk of queries appended to a cache land at the cache position.
 Backends: FA3 (`flash_attn_interface`) when importable, on a Hopper GPU, in a half dtype (FA3 has
 no fp32 kernels). Otherwise PyTorch: SDPA for full-causal attention, FlexAttention with a cached block mask
 for sliding windows on CUDA (a dense T x T mask would cost O(T^2) memory per call in training), and
-SDPA with an explicit boolean mask on CPU/MPS and in the KV-cache path.
+SDPA with an explicit additive mask, built once per shape, on CPU/MPS and in the KV-cache path.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -153,7 +154,11 @@ def _flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, left: int, right: i
     return out.transpose(1, 2)
 
 
-def _torch_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, left: int, right: int) -> torch.Tensor:
+def _torch_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, left: int, right: int,
+                use_flex: bool = True) -> torch.Tensor:
+    """Queries at the last Tq of Tk key positions, on SDPA (FlexAttention for a real window on CUDA when
+    `use_flex`: the KV-cache path turns it off, its shapes change every step and a block mask per shape
+    would be built and kept for each)."""
     t_q, t_k = q.size(1), k.size(1)
     offset = t_k - t_q  # absolute position of query 0 (bottom-right alignment)
     # a side of the window is "free" when even the extreme query/key pair lies inside it
@@ -163,11 +168,23 @@ def _torch_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, left: int, ri
         return _sdpa(q, k, v)
     if left_free and right == 0 and t_q == t_k:  # SDPA's is_causal is top-left aligned: square only
         return _sdpa(q, k, v, is_causal=True)
-    if q.device.type == "cuda":
+    if use_flex and q.device.type == "cuda":
         return _flex(q, k, v, left, right)
-    positions = torch.arange(t_k, device=q.device)
-    mask = _visibility(positions[offset:], positions, left, right)
-    return _sdpa(q, k, v, mask=mask)
+    return _sdpa(q, k, v, mask=_window_mask(t_q, t_k, left, right, q.device, q.dtype))
+
+
+@functools.lru_cache(maxsize=4)
+def _window_mask(t_q: int, t_k: int, left: int, right: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """The additive mask (0 visible, -inf hidden) of queries at the last `t_q` of `t_k` key positions.
+
+    Built once per shape and shared by every layer of a forward and by later forwards of that shape; it is
+    the mask SDPA would otherwise derive from a boolean one in every call. Created outside inference mode,
+    so a mask first built under `torch.inference_mode` can still be saved for a training backward.
+    """
+    with torch.inference_mode(False):
+        positions = torch.arange(t_k, device=device)
+        visible = _visibility(positions[t_k - t_q:], positions, left, right)
+        return torch.zeros(visible.shape, dtype=dtype, device=device).masked_fill_(~visible, float("-inf"))
 
 
 # ---- public API ----------------------------------------------------------------------------------
@@ -275,14 +292,9 @@ def _uniform_cached_attn(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
     # keys before the first query's window can never be seen: drop them (for a single decoded token
     # this keeps exactly the last window + 1 keys)
     start = max(0, first_query - left) if left >= 0 else 0
-    keys = k_cache[:, start:end].to(q.dtype)
-    values = v_cache[:, start:end].to(q.dtype)
-    if t_q == 1:
-        # one query at the last valid position: every kept key is at or before it and inside its window
-        return _sdpa(q, keys, values)
-    positions = torch.arange(start, end, device=q.device)
-    mask = _visibility(torch.arange(first_query, end, device=q.device), positions, left, right)
-    return _sdpa(q, keys, values, mask=mask)
+    # a prefill from position 0 is square, so a causal layer takes SDPA's is_causal kernel there
+    return _torch_attn(q, k_cache[:, start:end].to(q.dtype), v_cache[:, start:end].to(q.dtype), left, right,
+                       use_flex=False)
 
 
 def _ragged_cached_attn(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor | None,
