@@ -31,27 +31,32 @@ if TYPE_CHECKING:
     from nanochat_rs.engine import Engine
     from nanochat_rs.tokenizer import Tokenizer
 
-__all__ = ["Chat", "chat_loop", "check_options", "default_checkpoint_dir", "main", "parse_args", "run"]
+__all__ = ["Chat", "add_checkpoint_args", "chat_loop", "check_options", "default_checkpoint_dir", "main", "parse_args",
+           "run"]
 
 SOURCES = ("chat", "base")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="nanochat-chat", description="Chat with a nanochat_rs model.")
-    parser.add_argument("--source", choices=SOURCES, default="chat",
-                        help="chat: the most recently written run under $NANOCHAT_BASE_DIR/chat_checkpoints "
-                             "(the base model when there is none yet); base: the same under base_checkpoints")
-    parser.add_argument("--checkpoint", type=Path, default=None,
-                        help="checkpoint directory holding step_NNNNNN/ folders (instead of --source)")
-    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
+    add_checkpoint_args(parser, "chat: the most recently written run under $NANOCHAT_BASE_DIR/chat_checkpoints "
+                                "(the base model when there is none yet); base: the same under base_checkpoints")
     parser.add_argument("-p", "--prompt", default=None, help="answer this one prompt and exit")
     parser.add_argument("--temperature", type=float, default=0.6, help="0 = greedy")
     parser.add_argument("--top-k", type=int, default=50, help="sample from the k most likely tokens (0 = all)")
     parser.add_argument("--max-tokens", type=int, default=512, help="most tokens per answer")
     parser.add_argument("--seed", type=int, default=42, help="sampling seed, 0 <= seed < 2**64")
-    parser.add_argument("--device-type", default=None, choices=["cuda", "cpu", "mps"],
-                        help="default: autodetect")
+    cli.add_device_arg(parser)
     return parser.parse_args(argv)
+
+
+def add_checkpoint_args(parser: argparse.ArgumentParser, source_help: str) -> None:
+    """--source, --checkpoint and --step: the checkpoint a job loads (`default_checkpoint_dir` finds the
+    newest of --source when no --checkpoint is given)."""
+    parser.add_argument("--source", choices=SOURCES, default="chat", help=source_help)
+    parser.add_argument("--checkpoint", type=Path, default=None,
+                        help="checkpoint directory holding step_NNNNNN/ folders (instead of --source)")
+    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
 
 
 def check_options(args: argparse.Namespace) -> None:
@@ -64,10 +69,7 @@ def check_options(args: argparse.Namespace) -> None:
     if args.top_k < 0:
         raise cli.UsageError(f"--top-k must be >= 0 (0 = all tokens), got {args.top_k}")
     args.top_k = args.top_k or None
-    try:
-        check_sampling_args(args.max_tokens, args.temperature, args.top_k, args.seed)
-    except ValueError as e:
-        raise cli.UsageError(str(e)) from None
+    cli.usage_checked(lambda: check_sampling_args(args.max_tokens, args.temperature, args.top_k, args.seed))
 
 
 def default_checkpoint_dir(base: Path, source: str = "chat") -> Path:

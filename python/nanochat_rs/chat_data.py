@@ -25,7 +25,7 @@ import torch
 
 from nanochat_rs.common import get_dist_info
 from nanochat_rs.conversation import ChatTokenizer, render_conversation
-from nanochat_rs.dataloader import staged_batches
+from nanochat_rs.dataloader import check_loader_state, staged_batches
 from nanochat_rs.packer import SFT_BUFFER_SIZE, BestFitPacker
 from nanochat_rs.tasks.base import Task
 from nanochat_rs.util import check_int
@@ -80,23 +80,11 @@ class ConversationStream:
 
 def _resume(state: Mapping[str, Any], identity: dict[str, Any], packer: BestFitPacker,
             per_rank: int) -> ConversationCursor:
-    if not isinstance(state, Mapping) or state.get("version") != STATE_VERSION:
-        raise ValueError(f"resume_state is not a conversation loader state of version {STATE_VERSION}")
-    for key, value in identity.items():
-        if state.get(key) != value:
-            raise ValueError(f"resume_state was saved with {key}={state.get(key)!r}, this loader has {value!r}")
-    cursor = state.get("cursor")
-    if not isinstance(cursor, Mapping) or set(cursor) != {"epoch", "index"}:
-        raise ValueError("resume_state['cursor'] must be a dict with keys epoch, index")
-    epoch, index = cursor["epoch"], cursor["index"]
-    for name, value in (("epoch", epoch), ("index", index)):
-        check_int(f"resume_state['cursor']['{name}']", value, 0)
-    if index >= per_rank:
-        raise ValueError(f"resume_state['cursor'] points at conversation {index} of this rank's {per_rank}")
-    if "packer" not in state:
-        raise ValueError("resume_state has no 'packer' state")
+    cursor = check_loader_state(state, "conversation loader", identity, ("epoch", "index"))
+    if cursor["index"] >= per_rank:
+        raise ValueError(f"resume_state['cursor'] points at conversation {cursor['index']} of this rank's {per_rank}")
     packer.load_state_dict(state["packer"])
-    return ConversationCursor(epoch, index)
+    return ConversationCursor(**cursor)
 
 
 def conversation_data_loader(tokenizer: Any, task: Task, batch_size: int, sequence_len: int,

@@ -12,22 +12,38 @@ Anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import argparse
 import signal
 import sys
 from collections.abc import Callable
 from typing import NoReturn, TypeVar
 
-__all__ = ["EXIT_FAILURE", "EXIT_INTERRUPTED", "EXIT_USAGE", "UsageError", "fail", "restore_sigint", "run_job"]
+__all__ = ["DEVICE_TYPES", "EXIT_FAILURE", "EXIT_INTERRUPTED", "EXIT_USAGE", "UsageError", "add_device_arg", "fail",
+           "restore_sigint", "run_job", "usage_checked"]
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT
+DEVICE_TYPES = ("cuda", "cpu", "mps")
 
 T = TypeVar("T")
 
 
 class UsageError(ValueError):
     """The command line asks for something impossible (exit code 2)."""
+
+
+def usage_checked(check: Callable[[], T]) -> T:
+    """`check()`, its ValueError a UsageError: jobs validate options this way before any slow work, so an
+    impossible combination of flags exits 2 with one line."""
+    try:
+        return check()
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
+def add_device_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device-type", choices=DEVICE_TYPES, default=None, help="default: autodetect")
 
 
 def restore_sigint() -> None:

@@ -244,23 +244,33 @@ def _batches(maker: _BatchMaker, slots: list[_Slot], device: torch.device,
 # ---- public API ------------------------------------------------------------------------------------
 
 
-def _resume(state: Mapping[str, Any], identity: dict[str, Any], packer: BestFitPacker) -> Cursor:
-    if not isinstance(state, Mapping) or state.get("version") != STATE_VERSION:
-        raise ValueError(f"resume_state is not a dataloader state of version {STATE_VERSION}")
+def check_loader_state(state: object, what: str, identity: Mapping[str, Any],
+                       cursor_keys: tuple[str, ...]) -> dict[str, int]:
+    """The cursor of a saved loader `state` (the `cursor_keys`, non-negative ints), once the state is known
+    to be `what` at `identity["version"]`, saved by a loader with this `identity`, and to hold a packer
+    state; a ValueError naming the first problem otherwise."""
+    version = identity["version"]
+    if not isinstance(state, Mapping) or state.get("version") != version:
+        raise ValueError(f"resume_state is not a {what} state of version {version}")
     for key, value in identity.items():
         if state.get(key) != value:
             raise ValueError(f"resume_state was saved with {key}={state.get(key)!r}, this loader has {value!r}")
     cursor = state.get("cursor")
-    if not isinstance(cursor, Mapping) or set(cursor) != {"epoch", "index", "row"}:
-        raise ValueError("resume_state['cursor'] must be a dict with keys epoch, index, row")
-    values = {k: cursor[k] for k in ("epoch", "index", "row")}
+    if not isinstance(cursor, Mapping) or set(cursor) != set(cursor_keys):
+        raise ValueError(f"resume_state['cursor'] must be a dict with keys {', '.join(cursor_keys)}")
+    values = {key: cursor[key] for key in cursor_keys}
     if any(not isinstance(v, int) or isinstance(v, bool) or v < 0 for v in values.values()):
         raise ValueError(f"resume_state['cursor'] must hold non-negative ints, got {dict(cursor)}")
+    if "packer" not in state:
+        raise ValueError("resume_state has no 'packer' state")
+    return values
+
+
+def _resume(state: Mapping[str, Any], identity: dict[str, Any], packer: BestFitPacker) -> Cursor:
+    values = check_loader_state(state, "dataloader", identity, ("epoch", "index", "row"))
     if values["index"] >= identity["num_row_groups"]:
         raise ValueError(f"resume_state['cursor'] points at row group {values['index']} of "
                          f"{identity['num_row_groups']}")
-    if "packer" not in state:
-        raise ValueError("resume_state has no 'packer' state")
     packer.load_state_dict(state["packer"])
     return Cursor(**values)
 

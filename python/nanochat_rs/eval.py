@@ -24,8 +24,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from nanochat_rs.chat import SOURCES
-from nanochat_rs.cli import UsageError, run_job
+from nanochat_rs.chat import SOURCES, add_checkpoint_args, default_checkpoint_dir
+from nanochat_rs.cli import add_device_arg, run_job, usage_checked
 
 # Modules that import torch are imported inside functions: `--help` answers at once.
 if TYPE_CHECKING:
@@ -47,7 +47,7 @@ T = TypeVar("T")
 @dataclass
 class EvalConfig:
     source: str = "chat"                 # "chat": chat tasks (ChatCORE); "base": CORE, val bpb, samples
-    checkpoint: str | None = None        # run directory; None: the newest of `source`
+    checkpoint: str | Path | None = None  # run directory; None: the newest of `source`
     step: int | None = None              # None: the newest
     tasks: str | None = None             # comma list; None: all (see the module docstring)
     max_per_task: int | None = None      # examples per task (chat) or items per CORE task; None: all
@@ -62,12 +62,9 @@ class EvalConfig:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="nanochat-eval", description="Evaluate a nanochat_rs model.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--source", choices=SOURCES, default="chat",
-                   help="chat: the chat tasks (ChatCORE) on the newest run under NANOCHAT_BASE_DIR/chat_checkpoints "
-                        "(the base model when there is none yet); base: CORE, val bpb and samples on the newest "
-                        "under base_checkpoints")
-    p.add_argument("--checkpoint", default=None, help="run directory holding step_NNNNNN/ (instead of the newest)")
-    p.add_argument("--step", type=int, default=None, help="checkpoint step (None: the newest)")
+    add_checkpoint_args(p, "chat: the chat tasks (ChatCORE) on the newest run under "
+                           "NANOCHAT_BASE_DIR/chat_checkpoints (the base model when there is none yet); base: CORE, "
+                           "val bpb and samples on the newest under base_checkpoints")
     p.add_argument("--tasks", default=None,
                    help="comma list. chat: task names (None: every task with an automatic check whose data is "
                         f"on disk or downloadable); base: {', '.join(BASE_EVALS)} (None: all)")
@@ -77,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS, help="most tokens per generated reply")
     p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
                    help="prompts per forward for multiple-choice tasks, rows per forward for val bpb")
-    p.add_argument("--device-type", choices=["cuda", "cpu", "mps"], default=None, help="None: autodetect")
+    add_device_arg(p)
     p.add_argument("--data-dir", default=None, help="shards for val bpb (None: NANOCHAT_DATA_DIR or embedded)")
     return p
 
@@ -88,10 +85,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _evaluate(config: EvalConfig) -> dict[str, Any]:
-    try:  # an impossible option is a usage error (exit 2), found before the model is loaded
-        check_config(config)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
+    usage_checked(lambda: check_config(config))  # before the model is loaded
     return run_eval(config)
 
 
@@ -162,7 +156,6 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
 
 
 def _run(config: EvalConfig, names: list[str] | None, device: torch.device) -> dict[str, Any]:
-    from nanochat_rs.chat import default_checkpoint_dir
     from nanochat_rs.checkpoint import load_model
     from nanochat_rs.common import base_dir, print0
     from nanochat_rs.report import append_section

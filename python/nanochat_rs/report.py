@@ -330,10 +330,7 @@ def _run(args: argparse.Namespace) -> None:
     if args.hourly_cost is None:
         hourly_cost = hourly_cost_from_env()
     else:
-        try:
-            hourly_cost = check_number("--hourly-cost", args.hourly_cost, minimum=0.0)
-        except ValueError as e:
-            raise cli.UsageError(str(e)) from None
+        hourly_cost = cli.usage_checked(lambda: check_number("--hourly-cost", args.hourly_cost, minimum=0.0))
     print(f"report written to {generate(hourly_cost)}")
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import argparse
 
-from nanochat_rs.cli import UsageError, run_job
+from nanochat_rs.cli import add_device_arg, run_job, usage_checked
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-examples", type=int, default=None,
                    help="held-out conversations per embedded task for the accuracy")
     p.add_argument("--save-every", type=int, default=None, help="checkpoint every N steps (<=0: at the end)")
-    p.add_argument("--device-type", choices=["cuda", "cpu", "mps"], default=None, help="None: autodetect")
+    add_device_arg(p)
     p.add_argument("--no-compile", dest="compile", action="store_false",
                    help="run eagerly instead of torch.compile'ing the model and the optimizer updates")
     p.add_argument("--resume", action="store_true", help="continue from a checkpoint in --run-dir")
@@ -87,10 +87,7 @@ def _finetune(values: dict[str, object]) -> dict[str, object]:
     from nanochat_rs.finetune import SFTConfig, finetune, resolve_config
 
     config = SFTConfig(**values)  # type: ignore[arg-type]
-    try:  # an impossible combination of flags is a usage error (exit 2), found before any work
-        resolve_config(config, config.device_type or autodetect_device_type())
-    except ValueError as e:
-        raise UsageError(str(e)) from None
+    usage_checked(lambda: resolve_config(config, config.device_type or autodetect_device_type()))
     return finetune(config)
 
 

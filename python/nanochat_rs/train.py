@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 
-from nanochat_rs.cli import UsageError, run_job
+from nanochat_rs.cli import add_device_arg, run_job, usage_checked
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-tokens", type=int, default=None, help="validation tokens per evaluation")
     p.add_argument("--sample-every", type=int, default=None, help="greedy samples every N steps (<=0: at end)")
     p.add_argument("--save-every", type=int, default=None, help="checkpoint every N steps (<=0: at end)")
-    p.add_argument("--device-type", choices=["cuda", "cpu", "mps"], default=None, help="None: autodetect")
+    add_device_arg(p)
     p.add_argument("--fp8", action="store_true", help="fp8 matmuls (CUDA, Hopper+)")
     p.add_argument("--no-compile", dest="compile", action="store_false",
                    help="run eagerly instead of torch.compile'ing the model and the optimizer updates")
@@ -76,10 +76,7 @@ def _train(values: dict[str, object]) -> dict[str, object]:
     from nanochat_rs.pretrain import TrainConfig, resolve_config, train
 
     config = TrainConfig(**values)  # type: ignore[arg-type]
-    try:  # an impossible combination of flags is a usage error (exit 2), found before any work
-        resolve_config(config, config.device_type or autodetect_device_type())
-    except ValueError as e:
-        raise UsageError(str(e)) from None
+    usage_checked(lambda: resolve_config(config, config.device_type or autodetect_device_type()))
     return train(config)
 
 

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from nanochat_rs import cli
-from nanochat_rs.chat import SOURCES, default_checkpoint_dir
+from nanochat_rs.chat import add_checkpoint_args, default_checkpoint_dir
 
 __all__ = ["API_KEY_ENV", "main", "parse_args", "run"]
 
@@ -20,12 +20,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="nanochat-serve", description=__doc__)
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--source", choices=SOURCES, default="chat",
-                        help="chat: the newest run under $NANOCHAT_BASE_DIR/chat_checkpoints (the base model when "
-                             "there is none yet); base: the newest under base_checkpoints")
-    parser.add_argument("--checkpoint", type=Path, default=None,
-                        help="checkpoint directory holding step_NNNNNN/ folders (instead of --source)")
-    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
+    add_checkpoint_args(parser, "chat: the newest run under $NANOCHAT_BASE_DIR/chat_checkpoints (the base model "
+                                "when there is none yet); base: the newest under base_checkpoints")
     parser.add_argument("--model-name", default=None, help="the model id clients ask for (default: the "
                                                            "checkpoint directory's name, e.g. d20)")
     parser.add_argument("--api-key", default=os.environ.get(API_KEY_ENV),
@@ -33,7 +29,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-batch-size", type=int, default=8, help="requests decoded together")
     parser.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond those (more: HTTP 429)")
     parser.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (more: HTTP 413)")
-    parser.add_argument("--device-type", default=None, choices=["cuda", "cpu", "mps"], help="default: autodetect")
+    cli.add_device_arg(parser)
     return parser.parse_args(argv)
 
 
