@@ -3,6 +3,7 @@
 # into the closing note. Needs nanochat_rs installed (a wheel built elsewhere works: no Rust needed here).
 #   1. the CUDA tests  2. d12 training, ~50 steps, bf16 then fp8: tok/s and MFU
 #   3. attention backends: SDPA vs FlexAttention vs FA3  4. d12 decode tokens/s and bandwidth use
+#   5. CORE scoring, batched vs nanochat's one-item loop
 # PEAK_GBS (default 4800, the H200's HBM3e) is the memory bandwidth bench_inference compares against.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -39,5 +40,8 @@ $PY scripts/bench_attention.py || status=1
 
 section "d12 decode (batch-1 bandwidth utilisation against ${PEAK_GBS} GB/s)"
 $PY scripts/bench_inference.py --depth 12 --device-type cuda --peak-gbs "$PEAK_GBS" || status=1
+
+section "CORE scoring: batched vs one item per forward (CORE-shaped synthetic bundle, context 2048)"
+timeout 180 $PY scripts/bench_eval.py --device-type cuda --depth 12 --items-per-task 11 | tail -n 3 || status=1
 
 exit $status

@@ -96,6 +96,35 @@ def test_gradients_flow_through_the_windowed_fallback() -> None:
         assert t.grad is not None and torch.isfinite(t.grad).all() and t.grad.abs().sum() > 0
 
 
+@SETTINGS
+@given(t_q=st.integers(1, 30), extra=st.integers(0, 12), left=st.integers(0, 8), band=st.integers(1, 4),
+       seed=st.integers(0, 99))
+def test_a_short_window_runs_in_bands_of_queries_with_the_same_result(t_q: int, extra: int, left: int, band: int,
+                                                                      seed: int) -> None:
+    """Long sequences under a short window take `_banded` (blocks of BAND_QUERIES queries, each against the
+    keys its window reaches): shrunk here so small shapes take it too."""
+    t_k = t_q + extra
+    q, k, v = randn(2, t_q, 2, 4, seed=seed), randn(2, t_k, 1, 4, seed=seed + 1), randn(2, t_k, 1, 4, seed=seed + 2)
+    with mock.patch.object(attention, "BAND_QUERIES", band), mock.patch.object(attention, "_banded",
+                                                                              wraps=attention._banded) as banded:
+        out = flash_attn_func(q, k, v, window_size=(left, 0))
+    assert banded.called == (t_q >= 2 * band and left + 2 * band <= t_k)
+    expected = reference_attention(q, k, v, [list(range(extra, t_k))] * 2, [t_k] * 2, left, 0)
+    torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_gradients_flow_through_the_bands() -> None:
+    q, k, v = (randn(1, 24, 2, 4, seed=s).requires_grad_() for s in range(3))
+    with mock.patch.object(attention, "BAND_QUERIES", 4):
+        flash_attn_func(q, k, v, window_size=(3, 0)).square().sum().backward()
+    grads = [t.grad for t in (q, k, v)]
+    for t in (q, k, v):
+        t.grad = None
+    flash_attn_func(q, k, v, window_size=(3, 0)).square().sum().backward()
+    for banded, whole in zip(grads, (q.grad, k.grad, v.grad), strict=True):
+        torch.testing.assert_close(banded, whole)
+
+
 # ---- attention against a KV cache -------------------------------------------------------------------
 
 

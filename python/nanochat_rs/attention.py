@@ -17,7 +17,8 @@ chunk of queries appended to a cache land at the cache position.
 Backends: FA3 (`flash_attn_interface`) when importable, on a Hopper GPU, in a half dtype (FA3 has
 no fp32 kernels). Otherwise PyTorch: SDPA for full-causal attention, FlexAttention with a cached block mask
 for sliding windows on CUDA (a dense T x T mask would cost O(T^2) memory per call in training), and
-SDPA with an explicit additive mask, built once per shape, on CPU/MPS and in the KV-cache path.
+SDPA with an explicit additive mask, built once per shape, on CPU/MPS and in the KV-cache path (a window
+much shorter than the keys in blocks of queries, each against the keys it can see).
 """
 
 from __future__ import annotations
@@ -118,6 +119,7 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor 
     return out.transpose(1, 2)
 
 
+BAND_QUERIES = 256  # queries per SDPA call of a sliding window much shorter than the keys (`_banded`)
 _block_masks: dict[tuple[int, int, int, int, str], Any] = {}
 _compiled_flex: Any = None
 
@@ -170,10 +172,27 @@ def _torch_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, left: int, ri
         return _sdpa(q, k, v, is_causal=True)
     if use_flex and q.device.type == "cuda":
         return _flex(q, k, v, left, right)
+    if right == 0 and 0 <= left and t_q >= 2 * BAND_QUERIES and left + 2 * BAND_QUERIES <= t_k:
+        return _banded(q, k, v, left)
     return _sdpa(q, k, v, mask=_window_mask(t_q, t_k, left, right, q.device, q.dtype))
 
 
-@functools.lru_cache(maxsize=4)
+def _banded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, left: int) -> torch.Tensor:
+    """A causal sliding window as blocks of BAND_QUERIES queries, each against only the keys its window
+    reaches. SDPA scores every query/key pair its mask covers, visible or not, so one masked call costs
+    Tq x Tk where the window needs about Tq x (left + BAND_QUERIES): 3x less at nanochat's quarter-context
+    window over 2048 positions."""
+    t_q, t_k = q.size(1), k.size(1)
+    offset = t_k - t_q
+    blocks = []
+    for first in range(0, t_q, BAND_QUERIES):
+        end = min(t_q, first + BAND_QUERIES)
+        keys = slice(max(0, offset + first - left), offset + end)  # the block's queries are its last keys
+        blocks.append(_torch_attn(q[:, first:end], k[:, keys], v[:, keys], left, 0, use_flex=False))
+    return torch.cat(blocks, dim=1)
+
+
+@functools.lru_cache(maxsize=16)
 def _window_mask(t_q: int, t_k: int, left: int, right: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """The additive mask (0 visible, -inf hidden) of queries at the last `t_q` of `t_k` key positions.
 
