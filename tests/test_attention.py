@@ -125,6 +125,18 @@ def test_gradients_flow_through_the_bands() -> None:
         torch.testing.assert_close(banded, whole)
 
 
+def test_a_compiled_window_builds_its_mask_in_the_graph_without_warnings() -> None:
+    """Dynamo ignores a cache wrapper and warns on every compile that it did: the compiled path must not
+    reach the eager mask cache."""
+    q, k, v = randn(1, 12, 2, 4, seed=0), randn(1, 12, 1, 4, seed=1), randn(1, 12, 1, 4, seed=2)
+    torch._dynamo.reset()
+    compiled = torch.compile(flash_attn_func, backend="eager", fullgraph=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = compiled(q, k, v, window_size=(3, 0))
+    torch.testing.assert_close(out, flash_attn_func(q, k, v, window_size=(3, 0)))
+
+
 # ---- attention against a KV cache -------------------------------------------------------------------
 
 

@@ -192,18 +192,29 @@ def _banded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, left: int) -> tor
     return torch.cat(blocks, dim=1)
 
 
-@functools.lru_cache(maxsize=16)
 def _window_mask(t_q: int, t_k: int, left: int, right: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """The additive mask (0 visible, -inf hidden) of queries at the last `t_q` of `t_k` key positions.
+    """The additive mask (0 visible, -inf hidden) of queries at the last `t_q` of `t_k` key positions: the
+    one SDPA would otherwise derive from a boolean mask in every call. Eagerly it is built once per shape
+    and shared by every layer of a forward and by later forwards of that shape; a compiled graph builds it
+    itself (Dynamo ignores a cache wrapper and warns about it)."""
+    if torch.compiler.is_compiling():
+        return _additive_mask(t_q, t_k, left, right, device, dtype)
+    return _cached_window_mask(t_q, t_k, left, right, device, dtype)
 
-    Built once per shape and shared by every layer of a forward and by later forwards of that shape; it is
-    the mask SDPA would otherwise derive from a boolean one in every call. Created outside inference mode,
-    so a mask first built under `torch.inference_mode` can still be saved for a training backward.
-    """
+
+@functools.lru_cache(maxsize=16)
+def _cached_window_mask(t_q: int, t_k: int, left: int, right: int, device: torch.device,
+                        dtype: torch.dtype) -> torch.Tensor:
+    # outside inference mode: a mask first built under torch.inference_mode can still be saved for a backward
     with torch.inference_mode(False):
-        positions = torch.arange(t_k, device=device)
-        visible = _visibility(positions[t_k - t_q:], positions, left, right)
-        return torch.zeros(visible.shape, dtype=dtype, device=device).masked_fill_(~visible, float("-inf"))
+        return _additive_mask(t_q, t_k, left, right, device, dtype)
+
+
+def _additive_mask(t_q: int, t_k: int, left: int, right: int, device: torch.device,
+                   dtype: torch.dtype) -> torch.Tensor:
+    positions = torch.arange(t_k, device=device)
+    visible = _visibility(positions[t_k - t_q:], positions, left, right)
+    return torch.zeros(visible.shape, dtype=dtype, device=device).masked_fill_(~visible, float("-inf"))
 
 
 # ---- public API ----------------------------------------------------------------------------------
