@@ -39,6 +39,7 @@ from nanochat_rs.checkpoint import (
     save_checkpoint,
     step_dir,
 )
+from nanochat_rs.cli import usage_checked
 from nanochat_rs.common import DistInfo, base_dir, print0
 from nanochat_rs.engine import Engine
 from nanochat_rs.gpt import GPT
@@ -269,7 +270,8 @@ def finetune(config: SFTConfig) -> dict[str, Any]:
     times, checkpoint dir)."""
     from nanochat_rs.common import autodetect_device_type
 
-    resolved = resolve_config(config, config.device_type or autodetect_device_type())
+    # a bad flag is a usage error (exit 2 from the job), found before the base checkpoint is loaded
+    resolved = usage_checked(lambda: resolve_config(config, config.device_type or autodetect_device_type()))
     assert resolved.device_type is not None
     return run_on_device(resolved.device_type, resolved.seed, lambda info, device: _finetune(resolved, info, device))
 

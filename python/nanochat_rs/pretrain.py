@@ -34,6 +34,7 @@ import torch
 
 from nanochat_rs import recipe
 from nanochat_rs.checkpoint import BASE_CHECKPOINTS
+from nanochat_rs.cli import usage_checked
 from nanochat_rs.common import DistInfo, base_dir, print0
 from nanochat_rs.gpt import GPT, GPTConfig, build_model, config_for_depth
 from nanochat_rs.memory import check_fits, checkpoint_bytes, training_memory_bytes
@@ -316,7 +317,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
     """Pretrain a base model; returns a summary (steps, final/min val bpb, times, checkpoint dir)."""
     from nanochat_rs.common import autodetect_device_type
 
-    resolved = resolve_config(config, config.device_type or autodetect_device_type())
+    # a bad flag is a usage error (exit 2 from the job), found before any slow work
+    resolved = usage_checked(lambda: resolve_config(config, config.device_type or autodetect_device_type()))
     assert resolved.device_type is not None
     return run_on_device(resolved.device_type, resolved.seed, lambda info, device: _train(resolved, info, device))
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import argparse
 
-from nanochat_rs.cli import add_device_arg, run_job, usage_checked
+from nanochat_rs.cli import add_device_arg, run_job
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -83,12 +83,9 @@ def main(argv: list[str] | None = None) -> None:
 
 def _finetune(values: dict[str, object]) -> dict[str, object]:
     # imported here, not at the top, so --help answers at once, without torch
-    from nanochat_rs.common import autodetect_device_type
-    from nanochat_rs.finetune import SFTConfig, finetune, resolve_config
+    from nanochat_rs.finetune import SFTConfig, finetune
 
-    config = SFTConfig(**values)  # type: ignore[arg-type]
-    usage_checked(lambda: resolve_config(config, config.device_type or autodetect_device_type()))
-    return finetune(config)
+    return finetune(SFTConfig(**values))  # type: ignore[arg-type]
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 
-from nanochat_rs.cli import add_device_arg, run_job, usage_checked
+from nanochat_rs.cli import add_device_arg, run_job
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,12 +72,9 @@ def main(argv: list[str] | None = None) -> None:
 
 def _train(values: dict[str, object]) -> dict[str, object]:
     # imported here, not at the top, so --help answers at once, without torch
-    from nanochat_rs.common import autodetect_device_type
-    from nanochat_rs.pretrain import TrainConfig, resolve_config, train
+    from nanochat_rs.pretrain import TrainConfig, train
 
-    config = TrainConfig(**values)  # type: ignore[arg-type]
-    usage_checked(lambda: resolve_config(config, config.device_type or autodetect_device_type()))
-    return train(config)
+    return train(TrainConfig(**values))  # type: ignore[arg-type]
 
 
 if __name__ == "__main__":
