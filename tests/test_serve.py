@@ -5,9 +5,15 @@ the Engine run directly on the same model."""
 from __future__ import annotations
 
 import json
+import os
+import re
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,6 +25,7 @@ uvicorn = pytest.importorskip("uvicorn")
 
 from cli_helpers import one_line_error, run_main  # noqa: E402
 from nanochat_rs.batching import BatchScheduler, SamplingParams  # noqa: E402
+from nanochat_rs.checkpoint import save_checkpoint  # noqa: E402
 from nanochat_rs.conversation import readable_reply, render_for_completion  # noqa: E402
 from nanochat_rs.engine import Engine  # noqa: E402
 from nanochat_rs.serve import main  # noqa: E402
@@ -30,6 +37,7 @@ from test_engine import make_model, small_tokenizer  # noqa: E402
 
 CONTEXT = 64
 MAX_TOKENS = 12
+REPO = Path(__file__).resolve().parents[1]
 HELLO = [{"role": "user", "content": "hello there"}]
 
 
@@ -265,3 +273,56 @@ def test_command_line_checks_options_before_loading(capsys: pytest.CaptureFixtur
     assert code == 2 and "--max-batch-size must be positive" in one_line_error(err)
     assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
     assert not is_loopback("0.0.0.0") and not is_loopback("example.com")
+
+
+# ---- the job as a user runs it -------------------------------------------------------------------
+
+
+def serve_command(checkpoint_dir: Path, port: int) -> list[str]:
+    return [sys.executable, "-m", "nanochat_rs.serve", "--checkpoint", str(checkpoint_dir), "--port", str(port),
+            "--device-type", "cpu", "--api-key", KEY]
+
+
+def test_the_serve_job_answers_refuses_a_busy_port_and_stops_on_ctrl_c(tok: Tokenizer, tmp_path: Path) -> None:
+    """`python -m nanochat_rs.serve` (what `nanochat-serve` runs) on a checkpoint written here: port 0 gets a
+    free port that the first line names; the API answers as the Engine does; a second server on the same
+    port fails in one line; Ctrl-C stops the first with exit 130 and no traceback."""
+    model = make_model(tok)
+    checkpoint_dir = tmp_path / "d2"
+    save_checkpoint(checkpoint_dir, 1, model, None, {"dataloader_state": None}, tokenizer=tok)
+    env = {**os.environ, "NANOCHAT_BASE_DIR": str(tmp_path),
+           "PYTHONPATH": os.pathsep.join([str(REPO / "python"), os.environ.get("PYTHONPATH", "")])}
+    with subprocess.Popen(serve_command(checkpoint_dir, 0), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True) as process:
+        try:
+            assert process.stdout is not None
+            first_line = process.stdout.readline()  # EOF ("") if the job died first
+            announced = re.fullmatch(r"serving d2 on (http://127\.0\.0\.1:(\d+)) \(.*\)\n", first_line)
+            assert announced, (first_line, process.stderr.read() if process.poll() is not None else "")
+            url, port = announced.group(1), int(announced.group(2))
+            for _ in range(200):  # the port is bound before the model loads; answers come after
+                try:
+                    if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                time.sleep(0.05)
+            client = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0, timeout=60)
+            response = client.chat.completions.create(model="d2", messages=HELLO, max_tokens=MAX_TOKENS,
+                                                      temperature=0.0)
+            prompt = render_for_completion(tok, HELLO)
+            expected = readable_reply(tok, [column[0] for column, _ in Engine(model, tok).generate(
+                prompt, max_tokens=MAX_TOKENS, temperature=0.0)])
+            assert response.choices[0].message.content == expected
+
+            busy = subprocess.run(serve_command(checkpoint_dir, port), env=env, capture_output=True, text=True,
+                                  timeout=300)
+            assert busy.returncode == 1
+            assert one_line_error(busy.stderr) == (f"error: cannot listen on 127.0.0.1:{port}: Address already in "
+                                                   "use: is another server running? pick another --port")
+            process.send_signal(signal.SIGINT)
+            _, stderr = process.communicate(timeout=60)
+        finally:
+            process.kill()
+    assert process.returncode == 130, stderr
+    assert stderr.rstrip().endswith("interrupted") and "Traceback" not in stderr, stderr

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import ipaddress
 import os
+import socket
 import sys
 from pathlib import Path
 
 from nanochat_rs import cli
 from nanochat_rs.chat import add_checkpoint_args, default_checkpoint_dir
 
-__all__ = ["API_KEY_ENV", "main", "parse_args", "run"]
+__all__ = ["API_KEY_ENV", "listen", "main", "parse_args", "run"]
 
 API_KEY_ENV = "NANOCHAT_API_KEY"
 
@@ -53,6 +55,26 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def listen(host: str, port: int) -> socket.socket:
+    """A socket bound to (host, port), taken before the model loads: a busy port or a bad address then
+    fails in one line at once, not after a minute of loading, and port 0 names the port it got."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as e:
+        raise OSError(f"cannot serve on host {host!r}: {e.strerror}") from None
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # restart at once after a stop (TIME_WAIT)
+    try:
+        sock.bind(address)
+    except OSError as e:
+        sock.close()
+        hint = {errno.EADDRINUSE: ": is another server running? pick another --port",
+                errno.EACCES: ": ports below 1024 need root; pick another --port"}.get(e.errno or 0, "")
+        raise OSError(f"cannot listen on {host}:{port}: {e.strerror}{hint}") from None
+    return sock
+
+
 def run(args: argparse.Namespace) -> None:
     check_options(args)
     try:
@@ -68,21 +90,30 @@ def run(args: argparse.Namespace) -> None:
     if args.api_key is None and not is_loopback(args.host):
         print(f"warning: serving on {args.host} without an API key: anyone who can reach this port can use the "
               f"model (set --api-key or ${API_KEY_ENV})", file=sys.stderr)
-    _, device = compute_init(args.device_type or autodetect_device_type())
+    sock = listen(args.host, args.port)
     try:
-        checkpoint = args.checkpoint or default_checkpoint_dir(base_dir(), args.source)
-        model, tokenizer, _ = load_model(checkpoint, device, step=args.step)
-        scheduler = BatchScheduler(model, tokenizer, max_batch_size=args.max_batch_size, max_queue=args.max_queue)
-        scheduler.start()
+        _, device = compute_init(args.device_type or autodetect_device_type())
         try:
-            app = create_app(tokenizer, scheduler, model_name=args.model_name or Path(checkpoint).resolve().name,
-                             api_key=args.api_key, max_body_bytes=args.max_body_bytes)
-            uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+            checkpoint = args.checkpoint or default_checkpoint_dir(base_dir(), args.source)
+            model, tokenizer, _ = load_model(checkpoint, device, step=args.step)
+            model_name = args.model_name or Path(checkpoint).resolve().name
+            scheduler = BatchScheduler(model, tokenizer, max_batch_size=args.max_batch_size,
+                                       max_queue=args.max_queue)
+            scheduler.start()
+            try:
+                app = create_app(tokenizer, scheduler, model_name=model_name, api_key=args.api_key,
+                                 max_body_bytes=args.max_body_bytes)
+                host, port = sock.getsockname()[:2]
+                url_host = f"[{host}]" if ":" in host else host
+                print(f"serving {model_name} on http://{url_host}:{port} (chat page at /, API at /v1; "
+                      "Ctrl-C to stop)", flush=True)
+                uvicorn.Server(uvicorn.Config(app, log_level="info")).run(sockets=[sock])
+            finally:
+                scheduler.close()
         finally:
-            scheduler.close()
+            compute_cleanup(wait_for_peers=False)
     finally:
-        compute_cleanup(wait_for_peers=False)
-
+        sock.close()
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
