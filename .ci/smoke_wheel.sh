@@ -2,7 +2,8 @@
 # Smoke-test a built wheel as a user would get it: install it into a fresh venv outside the source
 # tree, then, from a directory outside the tree, run the console entry points on a tiny job:
 # train a tokenizer on the embedded corpus, pack a batch, take one training step, one fine-tuning step,
-# answer one prompt, evaluate the tokenizer and write the report card.
+# answer one prompt, serve the chat model over HTTP (then Ctrl-C), evaluate the tokenizer and write the
+# report card.
 #
 #   .ci/smoke_wheel.sh target/wheels/nanochat_rs-*.whl
 #
@@ -28,7 +29,7 @@ if [[ -z "${NANOCHAT_SMOKE_VENV:-}" ]]; then
 fi
 start=$SECONDS
 "$venv/bin/pip" install --quiet --force-reinstall --no-deps "$wheel"
-"$venv/bin/pip" install --quiet "$wheel"   # its dependencies, resolved from the wheel's metadata
+"$venv/bin/pip" install --quiet "$wheel[serve]"   # its dependencies and the serve extra's, from its metadata
 echo "installed $(basename "$wheel") with its dependencies into $venv in $((SECONDS - start)) s"
 
 # Nothing below may see the source tree: run from an empty directory, with a clean environment.
@@ -104,6 +105,57 @@ fi
 
 echo "== smoke: nanochat-chat (one prompt, the chat model) =="
 nanochat-chat -p "What is 2+2?" --max-tokens 8 --temperature 0
+
+echo "== smoke: nanochat-serve (the chat model over HTTP, then Ctrl-C) =="
+# Started in the background, where a non-interactive shell ignores SIGINT: the job must still stop on it.
+nanochat-serve --port 0 > "$work/serve.out" 2> "$work/serve.err" &
+serve_pid=$!
+if ! python - "$work/serve.out" <<'EOF'
+import json
+import re
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+deadline = time.monotonic() + 300
+announced = None
+while announced is None and time.monotonic() < deadline:  # the first line names the URL
+    announced = re.match(r"serving \S+ on (http://\S+) ", Path(sys.argv[1]).read_text())
+    time.sleep(0.2)
+assert announced, "nanochat-serve printed no URL"
+url = announced.group(1)
+while True:  # the port is bound before the model loads
+    try:
+        health = json.load(urllib.request.urlopen(f"{url}/health", timeout=10))
+        break
+    except OSError:
+        assert time.monotonic() < deadline, "nanochat-serve never answered /health"
+        time.sleep(0.2)
+page = urllib.request.urlopen(f"{url}/", timeout=10).read().decode()
+assert "<html" in page.lower(), "the chat page is missing from the wheel"
+body = {"model": health["model"], "messages": [{"role": "user", "content": "What is 2+2?"}], "max_tokens": 8,
+        "temperature": 0}
+request = urllib.request.Request(f"{url}/v1/chat/completions", json.dumps(body).encode(),
+                                 {"Content-Type": "application/json"})
+reply = json.load(urllib.request.urlopen(request, timeout=120))
+assert reply["object"] == "chat.completion" and reply["usage"]["completion_tokens"] >= 1, reply
+print(f"{url}: /health {health['status']}, / {len(page)} bytes, reply {reply['choices'][0]['message']['content']!r}")
+EOF
+then
+    kill "$serve_pid"
+    cat "$work/serve.err" >&2
+    echo "error: nanochat-serve smoke failed" >&2
+    exit 1
+fi
+kill -INT "$serve_pid"
+serve_rc=0
+wait "$serve_pid" || serve_rc=$?
+if [[ $serve_rc -ne 130 ]]; then
+    cat "$work/serve.err" >&2
+    echo "error: nanochat-serve exited $serve_rc on Ctrl-C (expected 130)" >&2
+    exit 1
+fi
 
 echo "== smoke: nanochat-eval (embedded tasks, offline) =="
 nanochat-eval --source chat --tasks arithmetic,identity --max-per-task 2 --max-tokens 16
