@@ -3,7 +3,6 @@ running scheduler, served in-process by uvicorn on a free loopback port."""
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -14,6 +13,7 @@ import openai
 import uvicorn
 from nanochat_rs.batching import BatchScheduler
 from nanochat_rs.serve.app import create_app
+from nanochat_rs.serve.cli import listen
 from nanochat_rs.tokenizer import Tokenizer
 
 KEY = "test-key"
@@ -34,8 +34,7 @@ class Server:
 def serve(scheduler: BatchScheduler, tokenizer: Tokenizer) -> Iterator[Server]:
     """Run the app on a free 127.0.0.1 port in a background thread until the caller is done."""
     app = create_app(tokenizer, scheduler, model_name=MODEL, api_key=KEY, max_body_bytes=MAX_BODY)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
+    sock = listen("127.0.0.1", 0)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()

@@ -90,8 +90,7 @@ def run(args: argparse.Namespace) -> None:
     if args.api_key is None and not is_loopback(args.host):
         print(f"warning: serving on {args.host} without an API key: anyone who can reach this port can use the "
               f"model (set --api-key or ${API_KEY_ENV})", file=sys.stderr)
-    sock = listen(args.host, args.port)
-    try:
+    with listen(args.host, args.port) as sock:
         _, device = compute_init(args.device_type or autodetect_device_type())
         try:
             checkpoint = args.checkpoint or default_checkpoint_dir(base_dir(), args.source)
@@ -112,8 +111,7 @@ def run(args: argparse.Namespace) -> None:
                 scheduler.close()
         finally:
             compute_cleanup(wait_for_peers=False)
-    finally:
-        sock.close()
+
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
