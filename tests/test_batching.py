@@ -18,6 +18,7 @@ from nanochat_rs.batching import (
     Event,
     Finished,
     QueueFull,
+    RequestFailed,
     RequestHandle,
     SamplingParams,
     SchedulerClosed,
@@ -379,13 +380,43 @@ def test_a_failing_loop_ends_every_request_instead_of_hanging(tok: Tokenizer, mo
     scheduler = BatchScheduler(model, tok)
     handle = scheduler.submit(random_prompt(tok, 3), greedy(4))
     scheduler.start()
-    with pytest.raises(SchedulerClosed, match="failed") as raised:
+    with pytest.raises(RequestFailed, match="device lost") as raised:
         list(handle)
     assert isinstance(raised.value.__cause__, RuntimeError)
     assert handle.finish_reason == "error"
     with pytest.raises(SchedulerClosed, match="device lost"):
         scheduler.submit(random_prompt(tok, 3), greedy(4))
+    assert isinstance(scheduler.failure, RuntimeError)
     scheduler.close()  # joins the dead loop thread, so its traceback is reported within this test
+
+
+def test_a_request_whose_sampling_fails_ends_alone(tok: Tokenizer, model: GPT, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One request's sampling error ends that request with "error"; its batch neighbours finish as
+    usual and the scheduler keeps taking requests."""
+    def failing_for_top_k_7(logits: torch.Tensor, generator: torch.Generator, temperature: float,
+                            top_k: int | None, top_p: float | None = None) -> torch.Tensor:
+        if top_k == 7:
+            raise RuntimeError("invalid multinomial distribution")
+        return batching_sample(logits, generator, temperature, top_k, top_p)
+
+    batching_sample = batching.sample_next_token
+    monkeypatch.setattr(batching, "sample_next_token", failing_for_top_k_7)
+    scheduler = BatchScheduler(model, tok)
+    prompt = random_prompt(tok, 5)
+    healthy = scheduler.submit(prompt, greedy(6))
+    failing = scheduler.submit(prompt, SamplingParams(max_tokens=6, top_k=7))
+    run_until_idle(scheduler)
+    assert failing.finish_reason == "error"
+    with pytest.raises(RequestFailed, match="invalid multinomial") as raised:
+        list(failing)
+    assert isinstance(raised.value.__cause__, RuntimeError)
+    healthy_tokens = tokens_of(healthy)
+    assert len(healthy_tokens) == 6 and healthy.finish_reason == "length"
+    assert scheduler.failure is None
+    later = scheduler.submit(prompt, greedy(6))
+    run_until_idle(scheduler)
+    assert tokens_of(later) == healthy_tokens
+    assert scheduler.load().free_slots == scheduler.max_batch_size
 
 
 def test_get_times_out_and_repeats_the_end(tok: Tokenizer, model: GPT) -> None:

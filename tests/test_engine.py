@@ -187,7 +187,9 @@ def test_the_extreme_allowed_temperatures_sample_real_tokens(temperature: float)
 def test_top_p_keeps_the_smallest_nucleus_reaching_p() -> None:
     """probs 0.5, 0.3, 0.15, 0.05: top_p 0.8 keeps the first two (they reach 0.8), 0.81 needs a third."""
     logits = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log().expand(4000, -1)
-    for top_p, allowed in ((0.8, {0, 1}), (0.81, {0, 1, 2}), (1e-9, {0}), (1.0, {0, 1, 2, 3})):
+    # 1e-46 is 0 in fp32: the best token still stays (an empty nucleus would make multinomial fail)
+    for top_p, allowed in ((0.8, {0, 1}), (0.81, {0, 1, 2}), (1e-9, {0}), (1e-46, {0}), (5e-324, {0}),
+                           (1.0, {0, 1, 2, 3})):
         sampled = sample_next_token(logits, torch.Generator().manual_seed(0), 1.0, top_p=top_p)
         assert set(sampled.tolist()) == allowed, top_p
     # the kept tokens keep their relative odds: 0.5 : 0.3

@@ -30,6 +30,7 @@ from nanochat_rs.conversation import readable_reply, render_for_completion  # no
 from nanochat_rs.engine import Engine  # noqa: E402
 from nanochat_rs.serve import main  # noqa: E402
 from nanochat_rs.serve.cli import is_loopback  # noqa: E402
+from nanochat_rs.serve.protocol import MAX_STOP_CHARS  # noqa: E402
 from nanochat_rs.serve.text import ReplyText  # noqa: E402
 from nanochat_rs.tokenizer import Tokenizer  # noqa: E402
 from serve_helpers import KEY, MAX_BODY, MODEL, Server, serve  # noqa: E402
@@ -170,10 +171,14 @@ def test_sixteen_concurrent_streaming_clients_get_their_own_answers(server: Serv
     ({"max_tokens": 0}, "max_tokens"),
     ({"max_tokens": CONTEXT}, "max_tokens"),
     ({"max_completion_tokens": -1, "max_tokens": None}, "max_tokens"),
-    ({"temperature": -1.0}, None),
-    ({"seed": -5}, None),
+    ({"temperature": -1.0}, "temperature"),
+    ({"seed": -5}, "seed"),
+    ({"top_p": 1.5}, "top_p"),
+    ({"extra_body": {"top_k": 0}}, "top_k"),
+    ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ({"stop": "x" * (MAX_STOP_CHARS + 1)}, "stop"),
 ], ids=["unknown-role", "no-messages", "prompt-too-long", "max-tokens-0", "max-tokens-too-big",
-        "max-completion-tokens", "temperature", "seed"])
+        "max-completion-tokens", "temperature", "seed", "top-p", "top-k", "five-stops", "long-stop"])
 def test_bad_requests_are_400(server: Server, kwargs: dict[str, Any], param: str | None) -> None:
     messages = kwargs.pop("messages", HELLO)
     with pytest.raises(openai.BadRequestError) as caught:
@@ -234,6 +239,69 @@ def test_health_and_page_need_no_key(server: Server) -> None:
     assert "/v1/chat/completions" in page.text
 
 
+def post(server: Server, path: str, body: bytes | dict[str, Any], **kwargs: Any) -> httpx.Response:
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    return httpx.post(f"{server.url}{path}", content=content, headers=headers, **kwargs)
+
+
+def test_text_that_is_not_unicode_is_400_in_plain_words(server: Server) -> None:
+    """JSON may escape a lone surrogate ("\\ud800"), which no tokenizer can encode."""
+    for path, body, param in (
+            ("/v1/completions", b'{"model": "tiny", "prompt": "hi \\ud800", "max_tokens": 2}', "prompt"),
+            ("/v1/chat/completions", b'{"model": "tiny", "messages": [{"role": "user", "content": "hi \\udc00"}]}',
+             "messages")):
+        response = post(server, path, body)
+        assert response.status_code == 400, response.text
+        error = response.json()["error"]
+        assert error["param"] == param and "unpaired surrogate" in error["message"], error
+    assert httpx.get(f"{server.url}/health").json()["status"] == "ok"
+
+
+def test_null_options_mean_their_defaults(server: Server) -> None:
+    body = {"model": MODEL, "messages": HELLO, "max_tokens": 3, "temperature": None, "n": None, "stream": None,
+            "top_p": None, "stop": None, "seed": None}
+    response = post(server, "/v1/chat/completions", body)
+    assert response.status_code == 200, response.text
+    assert len(response.json()["choices"]) == 1
+
+
+def test_a_top_p_that_rounds_to_zero_is_greedy_and_harms_nothing(server: Server) -> None:
+    """1e-46 is 0 in float32: the nucleus still keeps the best token, so the reply is the greedy one
+    (it once emptied the nucleus, and the failed draw stopped the scheduler for everyone)."""
+    for top_p in (1e-46, 5e-324):
+        assert chat(server, temperature=1.0, top_p=top_p, seed=1).choices[0].message.content == \
+            chat(server).choices[0].message.content
+    assert httpx.get(f"{server.url}/health").json()["status"] == "ok"
+
+
+def test_wrong_method_is_405_with_allow(server: Server) -> None:
+    response = httpx.get(f"{server.url}/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"})
+    assert response.status_code == 405 and response.headers["allow"] == "POST"
+    assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_dead_scheduler_fails_requests_and_health_says_so(tok: Tokenizer, monkeypatch: pytest.MonkeyPatch) -> None:
+    model = make_model(tok, sequence_len=CONTEXT)
+
+    def broken_forward(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("device lost")
+
+    monkeypatch.setattr(model, "forward", broken_forward)
+    scheduler = BatchScheduler(model, tok)
+    scheduler.start()
+    for server in serve(scheduler, tok):
+        with pytest.raises(openai.InternalServerError, match="device lost"):
+            chat(server)
+        health = httpx.get(f"{server.url}/health")
+        assert health.status_code == 503 and health.json()["status"] == "error"
+        assert "device lost" in health.json()["error"]
+        with pytest.raises(openai.APIStatusError, match="restart the server") as caught:
+            chat(server)
+        assert caught.value.status_code == 503
+
+
 def test_full_queue_is_429(idle_server: Server, tok: Tokenizer) -> None:
     held = idle_server.scheduler.submit([tok.bos_token_id], SamplingParams(max_tokens=4))
     with pytest.raises(openai.RateLimitError):
@@ -255,6 +323,29 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot(idle_server: Server
             break
         time.sleep(0.05)
     assert scheduler.load().running == 0
+
+
+def test_a_client_that_leaves_a_fast_non_streaming_request_frees_its_slot(idle_server: Server) -> None:
+    """Tokens arriving faster than the disconnect poll must not hide that the client left."""
+    scheduler = idle_server.scheduler
+    body = {"model": MODEL, "messages": HELLO, "max_tokens": 200, "temperature": 0.0}
+    assert len(engine_reply(idle_server, render_for_completion(idle_server.tokenizer, HELLO), max_tokens=200,
+                            temperature=0.0)) == 200  # it cannot end early by itself
+    with ThreadPoolExecutor(1) as pool:
+        leaving = pool.submit(post, idle_server, "/v1/chat/completions", body, timeout=httpx.Timeout(5, read=0.5))
+        for _ in range(500):
+            if scheduler.load().waiting:
+                break
+            time.sleep(0.01)
+        steps = 0
+        while steps < 200 and (scheduler.load().running or scheduler.load().waiting):
+            scheduler.step()  # one token about every 20 ms, far faster than the poll
+            steps += 1
+            time.sleep(0.02)
+        with pytest.raises(httpx.ReadTimeout):
+            leaving.result()
+    assert scheduler.load().running == 0
+    assert steps < 150, "the request ran (nearly) to its max_tokens instead of being cancelled"
 
 
 # ---- the pieces ------------------------------------------------------------------------------------

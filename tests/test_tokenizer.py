@@ -8,7 +8,7 @@ import os
 import random
 import string
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import numpy as np
@@ -439,6 +439,15 @@ def test_bad_encode_arguments(trained: Tokenizer) -> None:
         trained.encode([b"bytes"])  # type: ignore[list-item]
     with pytest.raises(ValueError, match="num_threads"):
         trained.encode(["a"], num_threads=0)
+
+
+@pytest.mark.parametrize("encode", [lambda tok, text: tok.encode(text), lambda tok, text: tok.encode(["ok", text]),
+                                    lambda tok, text: tok.encode_flat(["ok", text])])
+def test_text_with_a_lone_surrogate_is_refused_in_plain_words(trained: Tokenizer,
+                                                             encode: Callable[[Tokenizer, str], object]) -> None:
+    """A JSON "\\udc80" escape or surrogateescape-decoded input reaches encode as a lone surrogate."""
+    with pytest.raises(ValueError, match=r"unpaired surrogate '\\udc80' at character 3, which is not valid Unicode"):
+        encode(trained, "abc\udc80d")
 
 
 # ---- the tok_train job's report -------------------------------------------------------------------------

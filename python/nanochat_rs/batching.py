@@ -43,14 +43,19 @@ if TYPE_CHECKING:
     from nanochat_rs.gpt import GPT
     from nanochat_rs.tokenizer import Tokenizer
 
-__all__ = ["BatchScheduler", "Event", "FinishReason", "Finished", "QueueFull", "RequestHandle", "SamplingParams",
-           "SchedulerClosed", "SchedulerLoad", "TokenEvent"]
+__all__ = ["BatchScheduler", "Event", "FinishReason", "Finished", "QueueFull", "RequestFailed", "RequestHandle",
+           "SamplingParams", "SchedulerClosed", "SchedulerLoad", "TokenEvent"]
 
 FinishReason = Literal["stop", "length", "cancelled", "error"]
 
 
 class QueueFull(RuntimeError):
     """Every slot is busy and the waiting queue is full: try again later (an HTTP server's 429)."""
+
+
+class RequestFailed(RuntimeError):
+    """Generating one request failed (the cause is chained); `BatchScheduler.failure` says whether the
+    whole loop stopped with it."""
 
 
 class SchedulerClosed(RuntimeError):
@@ -93,7 +98,8 @@ class TokenEvent:
 @dataclass(frozen=True)
 class Finished:
     """The end of a request's stream. "stop": a stop token was sampled (it is not streamed);
-    "length": max_tokens or the context ran out; "cancelled"; "error": the scheduler failed (`error`)."""
+    "length": max_tokens or the context ran out; "cancelled"; "error": sampling this request failed,
+    or the whole loop did (`error`)."""
 
     reason: FinishReason
     error: BaseException | None = None
@@ -117,7 +123,7 @@ class RequestHandle:
 
     `get(timeout)` returns the next event (a `Finished` ends the stream and is returned again on
     every later call); iterating yields the `TokenEvent`s and stops at the end, raising
-    SchedulerClosed if the scheduler failed. `cancel()` (any thread) frees the request's slot at the
+    RequestFailed if generating it failed. `cancel()` (any thread) frees the request's slot at the
     scheduler's next step.
     """
 
@@ -164,7 +170,7 @@ class RequestHandle:
                 yield event
                 continue
             if event.reason == "error":
-                raise SchedulerClosed(f"request {self.id} failed: the scheduler stopped") from event.error
+                raise RequestFailed(f"request {self.id} failed: {event.error!r}") from event.error
             return
 
     # ---- scheduler side ---------------------------------------------------------------------------
@@ -265,6 +271,12 @@ class BatchScheduler:
             self._wake.notify()
         return [request.handle for request in requests]
 
+    @property
+    def failure(self) -> BaseException | None:
+        """What stopped the scheduling loop, if it failed (it then takes no more requests)."""
+        with self._lock:
+            return self._failure
+
     def load(self) -> SchedulerLoad:
         with self._lock:
             return SchedulerLoad(running=len(self._running), waiting=len(self._waiting),
@@ -355,7 +367,8 @@ class BatchScheduler:
             request.prefilled += len(chunk)
             budget -= len(chunk)
             if request.prefilled == len(request.prompt):
-                self._advance(request, self._sample([request], logits)[0])
+                for sampled_request, sampled in self._sample([request], logits):
+                    self._advance(sampled_request, sampled)
 
     def _decode(self) -> None:
         requests = [r for r in self._running if r.next_token is not None]
@@ -364,16 +377,27 @@ class BatchScheduler:
         ids = torch.tensor([[r.next_token] for r in requests], dtype=torch.long, device=self._device)
         rows = self._cache.rows([r.slot for r in requests])
         logits = self.model(ids, kv_cache=rows, last_only=True)[:, -1, :]
-        for request, sampled in zip(requests, self._sample(requests, logits), strict=True):
+        for request, sampled in self._sample(requests, logits):
             self._advance(request, sampled)
 
-    @staticmethod
-    def _sample(requests: list[_Request], logits: torch.Tensor) -> list[int]:
+    def _sample(self, requests: list[_Request], logits: torch.Tensor) -> list[tuple[_Request, int]]:
         """One draw per request from its own generator: what a request gets never depends on which
-        other requests share the batch."""
-        draws = [sample_next_token(logits[i:i + 1], r.generator, r.params.temperature, r.params.top_k, r.params.top_p)
-                 for i, r in enumerate(requests)]
-        return torch.cat(draws).tolist()  # the one device sync for the whole batch
+        other requests share the batch. A request whose own sampling fails ends with "error"
+        alone; the rest of the batch goes on."""
+        sampled: list[_Request] = []
+        draws: list[torch.Tensor] = []
+        for i, request in enumerate(requests):
+            params = request.params
+            try:
+                draws.append(sample_next_token(logits[i:i + 1], request.generator, params.temperature, params.top_k,
+                                               params.top_p))
+            except Exception as error:  # noqa: BLE001 -- the error goes to that request's client
+                self._finish(request, Finished("error", error))
+                continue
+            sampled.append(request)
+        if not draws:
+            return []
+        return list(zip(sampled, torch.cat(draws).tolist(), strict=True))  # the one device sync for the batch
 
     def _advance(self, request: _Request, sampled: int) -> None:
         """Emit this step's token of a request (or end it) and queue the token to be fed next."""

@@ -7,8 +7,8 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["MAX_SEED", "MAX_TEMPERATURE", "MIN_TEMPERATURE", "check_prompt", "check_sampling_args",
-           "sample_next_token"]
+__all__ = ["MAX_SEED", "MAX_TEMPERATURE", "MIN_TEMPERATURE", "SamplingArgError", "check_prompt",
+           "check_sampling_args", "sample_next_token"]
 
 # Below MIN_TEMPERATURE, logits / T leaves the fp32 range (15 / 1e-40 is inf) and softmax turns into
 # NaN; the argmax that such a temperature approaches is what temperature 0 already gives, exactly.
@@ -18,6 +18,14 @@ MIN_TEMPERATURE = 1e-4
 MAX_TEMPERATURE = 100.0
 MAX_SEED = 2**64 - 1
 """Seeds are the unsigned 64-bit integers torch.Generator.manual_seed takes."""
+
+
+class SamplingArgError(ValueError):
+    """A sampling argument out of its range; `name` says which (e.g. for an HTTP error's `param`)."""
+
+    def __init__(self, name: str, message: str) -> None:
+        super().__init__(message)
+        self.name = name
 
 
 def _is_int(value: object) -> bool:
@@ -42,7 +50,11 @@ def sample_next_token(logits: torch.Tensor, generator: torch.Generator, temperat
         sorted_probs, order = probs.sort(dim=-1, descending=True)
         # a token is dropped once the more likely tokens before it already reach top_p
         mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
-        sorted_probs = sorted_probs.masked_fill(mass_before >= top_p, 0.0)
+        dropped = mass_before >= top_p
+        # the best token's mass_before is 0, which a top_p below fp32's smallest float also rounds
+        # to: keep it explicitly, or every token would be dropped and multinomial would fail
+        dropped[:, 0] = False
+        sorted_probs = sorted_probs.masked_fill(dropped, 0.0)
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
 
@@ -68,25 +80,25 @@ def check_sampling_args(max_tokens: object, temperature: object, top_k: object, 
     """
     if not (max_tokens is None and max_tokens_optional) and (not _is_int(max_tokens) or max_tokens < 0):
         expected = "a non-negative int or None" if max_tokens_optional else "a non-negative int"
-        raise ValueError(f"max_tokens must be {expected}, got {max_tokens!r}")
+        raise SamplingArgError("max_tokens", f"max_tokens must be {expected}, got {max_tokens!r}")
     if isinstance(temperature, bool) or not isinstance(temperature, int | float):
         raise TypeError(f"temperature must be a number, got {type(temperature).__name__}")
     if not temperature >= 0 or not math.isfinite(temperature):
-        raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
+        raise SamplingArgError("temperature", f"temperature must be a finite number >= 0, got {temperature!r}")
     if 0 < temperature < MIN_TEMPERATURE:
-        raise ValueError(f"temperature {temperature!r} is below {MIN_TEMPERATURE}, where sampling breaks down "
-                         "numerically; use 0 for greedy decoding")
+        raise SamplingArgError("temperature", f"temperature {temperature!r} is below {MIN_TEMPERATURE}, where "
+                               "sampling breaks down numerically; use 0 for greedy decoding")
     if temperature > MAX_TEMPERATURE:
-        raise ValueError(f"temperature {temperature!r} is above {MAX_TEMPERATURE:g}, where sampling is uniform "
-                         "noise; use a value between 0 (greedy) and about 2")
+        raise SamplingArgError("temperature", f"temperature {temperature!r} is above {MAX_TEMPERATURE:g}, where "
+                               "sampling is uniform noise; use a value between 0 (greedy) and about 2")
     if top_k is not None and (not _is_int(top_k) or top_k < 1):
-        raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
+        raise SamplingArgError("top_k", f"top_k must be a positive int or None, got {top_k!r}")
     if top_p is not None:
         if isinstance(top_p, bool) or not isinstance(top_p, int | float):
             raise TypeError(f"top_p must be a number or None, got {type(top_p).__name__}")
         if not 0 < top_p <= 1:  # also rejects NaN
-            raise ValueError(f"top_p must be in (0, 1] (1 keeps every token), got {top_p!r}")
+            raise SamplingArgError("top_p", f"top_p must be in (0, 1] (1 keeps every token), got {top_p!r}")
     if not _is_int(seed):
         raise TypeError(f"seed must be an int, got {type(seed).__name__}")
     if not 0 <= seed <= MAX_SEED:
-        raise ValueError(f"seed must fit in 64 bits (0 <= seed < 2**64), got {seed}")
+        raise SamplingArgError("seed", f"seed must fit in 64 bits (0 <= seed < 2**64), got {seed}")

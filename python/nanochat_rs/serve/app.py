@@ -26,6 +26,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from nanochat_rs.batching import Finished, QueueFull, SamplingParams, SchedulerClosed, TokenEvent
 from nanochat_rs.conversation import readable_reply, render_for_completion
+from nanochat_rs.sampling import SamplingArgError
 from nanochat_rs.serve.protocol import APIError, ChatCompletionRequest, CompletionRequest, error_body
 from nanochat_rs.serve.text import ReplyText
 
@@ -60,7 +61,8 @@ def create_app(tokenizer: Tokenizer, scheduler: BatchScheduler, *, model_name: s
 
     @app.exception_handler(HTTPException)
     async def http_error(_: Request, error: HTTPException) -> JSONResponse:
-        return JSONResponse(error_body(str(error.detail), "invalid_request_error"), status_code=error.status_code)
+        return JSONResponse(error_body(str(error.detail), "invalid_request_error"), status_code=error.status_code,
+                            headers=error.headers)  # e.g. a 405's Allow
 
     def check_model(name: str) -> None:
         if name != model_name:
@@ -71,8 +73,13 @@ def create_app(tokenizer: Tokenizer, scheduler: BatchScheduler, *, model_name: s
         return {"id": model_name, "object": "model", "created": created, "owned_by": "nanochat_rs"}
 
     @app.get("/health")
-    async def health() -> dict[str, Any]:
-        return {"status": "ok", "model": model_name, **asdict(scheduler.load())}
+    async def health() -> JSONResponse:
+        report = {"status": "ok", "model": model_name, **asdict(scheduler.load())}
+        if scheduler.failure is None:
+            return JSONResponse(report)
+        # a dead scheduler answers every request with an error: a load balancer must take it out
+        return JSONResponse({**report, "status": "error", "error": _scheduler_failed(scheduler).message},
+                            status_code=503)
 
     @app.get("/", response_class=HTMLResponse)
     async def chat_page() -> str:
@@ -105,7 +112,10 @@ def create_app(tokenizer: Tokenizer, scheduler: BatchScheduler, *, model_name: s
     @app.post("/v1/completions", response_model=None)
     async def completions(body: CompletionRequest, request: Request) -> JSONResponse | StreamingResponse:
         check_model(body.model)
-        prompt = [tokenizer.bos_token_id, *tokenizer.encode(body.prompt)]
+        try:
+            prompt = [tokenizer.bos_token_id, *tokenizer.encode(body.prompt)]
+        except ValueError as e:  # text that is not valid Unicode
+            raise APIError(400, f"prompt: {e}", param="prompt") from None
         generation = _Generation.submit(scheduler, request, prompt, body, "prompt", tokenizer.decode)
         reply = _TextReply(generation, model_name)
         if body.stream:
@@ -197,6 +207,7 @@ class _Generation:
         self.replies = [ReplyText(render, stops) for _ in handles]
         self.finish_reasons: list[FinishReason | None] = [None] * len(handles)
         self._wake = wake
+        self._next_disconnect_check = time.monotonic() + DISCONNECT_POLL_S
 
     @classmethod
     def submit(cls, scheduler: BatchScheduler, request: Request, prompt: list[int],
@@ -222,6 +233,8 @@ class _Generation:
             raise APIError(429, "the server is busy: every slot and queue place is taken; retry later",
                            type="rate_limit_error", code="rate_limit_exceeded") from None
         except SchedulerClosed:
+            if scheduler.failure is not None:
+                raise _scheduler_failed(scheduler) from None
             raise APIError(503, "the server is shutting down", type="server_error") from None
         except ValueError as e:  # e.g. the request's KV reservation exceeds the whole budget
             raise APIError(400, str(e), param="max_tokens") from None
@@ -251,14 +264,21 @@ class _Generation:
                 handle.cancel()  # no effect on a finished request
 
     async def _wait(self) -> bool:
-        """Wait for the scheduler's next event; False if the client disconnected meanwhile."""
+        """Wait for the scheduler's next event; False if the client disconnected. The client is asked
+        every DISCONNECT_POLL_S whether or not tokens arrive meanwhile: a fast model must not keep
+        generating for a client that left."""
         while True:
-            try:
-                await asyncio.wait_for(self._wake.wait(), DISCONNECT_POLL_S)
-                return True
-            except TimeoutError:
+            remaining = self._next_disconnect_check - time.monotonic()
+            if remaining <= 0:
                 if await self.request.is_disconnected():
                     return False
+                self._next_disconnect_check = time.monotonic() + DISCONNECT_POLL_S
+                continue
+            try:
+                await asyncio.wait_for(self._wake.wait(), remaining)
+                return True
+            except TimeoutError:
+                pass
 
     def _drain(self, index: int) -> list[tuple[int, str, FinishReason | None]]:
         handle, reply = self.handles[index], self.replies[index]
@@ -288,7 +308,12 @@ def _finish_reason(end: Finished) -> FinishReason:
         return end.reason
     if end.reason == "cancelled":  # only the scheduler closing cancels a request this server did not
         raise APIError(503, "the server is shutting down", type="server_error")
-    raise APIError(500, "generation failed: the model's scheduler stopped", type="server_error")
+    raise APIError(500, f"generating this reply failed: {end.error!r}", type="server_error")
+
+
+def _scheduler_failed(scheduler: BatchScheduler) -> APIError:
+    return APIError(503, f"the model's scheduler failed ({scheduler.failure!r}) and takes no more requests; "
+                         "restart the server", type="server_error")
 
 
 def _sampling_params(scheduler: BatchScheduler, prompt: list[int], body: ChatCompletionRequest | CompletionRequest,
@@ -306,8 +331,8 @@ def _sampling_params(scheduler: BatchScheduler, prompt: list[int], body: ChatCom
     try:
         return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_k=body.top_k,
                               top_p=body.top_p, seed=body.seed)
-    except (TypeError, ValueError) as e:
-        raise APIError(400, str(e)) from None
+    except SamplingArgError as e:
+        raise APIError(400, str(e), param=e.name) from None
 
 
 def _sse(events: AsyncIterator[dict[str, Any]]) -> StreamingResponse:

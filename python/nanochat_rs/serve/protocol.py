@@ -7,9 +7,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
-__all__ = ["APIError", "ChatCompletionRequest", "ChatMessage", "CompletionRequest", "StreamOptions", "error_body"]
+__all__ = ["MAX_STOP_CHARS", "MAX_STOP_STRINGS", "APIError", "ChatCompletionRequest", "ChatMessage",
+           "CompletionRequest", "StreamOptions", "error_body"]
+
+# OpenAI takes up to 4 stop sequences. Every one is matched against the reply's tail for every token
+# on the event loop, so their number and length bound that work.
+MAX_STOP_STRINGS = 4
+MAX_STOP_CHARS = 256
 
 
 class APIError(Exception):
@@ -47,6 +54,12 @@ class StreamOptions(BaseModel):
 class _SamplingRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_default(cls, data: Any) -> Any:
+        # OpenAI reads an explicit null as "not given" (clients send e.g. "temperature": null)
+        return {key: value for key, value in data.items() if value is not None} if isinstance(data, dict) else data
+
     model: str
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -57,6 +70,19 @@ class _SamplingRequest(BaseModel):
     stop: str | list[str] | None = None
     seed: int | None = None
     n: int = Field(1, ge=1)
+
+    @field_validator("stop")
+    @classmethod
+    def _bounded_stops(cls, stop: str | list[str] | None) -> str | list[str] | None:
+        stops = [stop] if isinstance(stop, str) else stop or []
+        if len(stops) > MAX_STOP_STRINGS:
+            raise PydanticCustomError("too_many_stops", "at most {limit} stop sequences are allowed, got {count}",
+                                      {"limit": MAX_STOP_STRINGS, "count": len(stops)})
+        longest = max(map(len, stops), default=0)
+        if longest > MAX_STOP_CHARS:
+            raise PydanticCustomError("stop_too_long", "a stop sequence may have at most {limit} characters, got "
+                                      "{length}", {"limit": MAX_STOP_CHARS, "length": longest})
+        return stop
 
     @property
     def stop_strings(self) -> list[str]:
