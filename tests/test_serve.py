@@ -117,8 +117,20 @@ def test_raw_completion_is_the_engine_continuation(server: Server) -> None:
     response = client.completions.create(model=MODEL, prompt="two plus two is", max_tokens=MAX_TOKENS, temperature=0)
     assert response.choices[0].text == expected and response.choices[0].finish_reason == "length"
     chunks = list(client.completions.create(model=MODEL, prompt="two plus two is", max_tokens=MAX_TOKENS,
-                                            temperature=0, stream=True))
-    assert "".join(c.choices[0].text for c in chunks) == expected
+                                            temperature=0, stream=True, stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == expected
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == MAX_TOKENS
+
+
+def test_openai_message_forms_read_as_the_plain_conversation(server: Server) -> None:
+    """Text parts for a user, the "developer" role (OpenAI's newer name for the system prompt) and an
+    assistant turn with null content are what SDKs send; they mean the plain forms."""
+    plain = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hello\nthere"},
+             {"role": "assistant", "content": ""}, {"role": "user", "content": "and?"}]
+    openai_forms = [{"role": "developer", "content": [{"type": "text", "text": "Be brief."}]},
+                    {"role": "user", "content": [{"type": "text", "text": "hello"}, {"type": "text", "text": "there"}]},
+                    {"role": "assistant", "content": None}, {"role": "user", "content": "and?"}]
+    assert chat(server, openai_forms).choices[0].message.content == chat(server, plain).choices[0].message.content
 
 
 def test_n_choices_are_the_samples_of_consecutive_seeds(server: Server) -> None:
@@ -170,7 +182,7 @@ def test_sixteen_concurrent_streaming_clients_get_their_own_answers(server: Serv
     ({"messages": [{"role": "user", "content": "hello there " * 40}]}, "messages"),
     ({"max_tokens": 0}, "max_tokens"),
     ({"max_tokens": CONTEXT}, "max_tokens"),
-    ({"max_completion_tokens": -1, "max_tokens": None}, "max_tokens"),
+    ({"max_completion_tokens": -1, "max_tokens": None}, "max_completion_tokens"),
     ({"temperature": -1.0}, "temperature"),
     ({"seed": -5}, "seed"),
     ({"top_p": 1.5}, "top_p"),
@@ -234,6 +246,7 @@ def test_api_key_is_required_on_v1(server: Server) -> None:
 def test_health_and_page_need_no_key(server: Server) -> None:
     health = httpx.get(f"{server.url}/health")
     assert health.status_code == 200 and health.json()["status"] == "ok" and health.json()["model"] == MODEL
+    assert httpx.head(f"{server.url}/health").status_code == 200  # load balancers probe with HEAD
     page = httpx.get(f"{server.url}/")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     assert "/v1/chat/completions" in page.text
@@ -250,7 +263,8 @@ def test_text_that_is_not_unicode_is_400_in_plain_words(server: Server) -> None:
     for path, body, param in (
             ("/v1/completions", b'{"model": "tiny", "prompt": "hi \\ud800", "max_tokens": 2}', "prompt"),
             ("/v1/chat/completions", b'{"model": "tiny", "messages": [{"role": "user", "content": "hi \\udc00"}]}',
-             "messages")):
+             "messages"),
+            ("/v1/completions", b'{"model": "tiny", "prompt": "hi", "stop": ["a\\ud800"]}', "stop")):
         response = post(server, path, body)
         assert response.status_code == 400, response.text
         error = response.json()["error"]
@@ -260,10 +274,18 @@ def test_text_that_is_not_unicode_is_400_in_plain_words(server: Server) -> None:
 
 def test_null_options_mean_their_defaults(server: Server) -> None:
     body = {"model": MODEL, "messages": HELLO, "max_tokens": 3, "temperature": None, "n": None, "stream": None,
-            "top_p": None, "stop": None, "seed": None}
+            "top_p": None, "stop": None, "seed": None, "stream_options": {"include_usage": None}}
     response = post(server, "/v1/chat/completions", body)
     assert response.status_code == 200, response.text
     assert len(response.json()["choices"]) == 1
+
+
+@pytest.mark.parametrize(("field", "value"), [("max_tokens", True), ("max_tokens", 2.0), ("temperature", "0.5"),
+                                              ("stream", "true"), ("n", 2.0), ("seed", "7")])
+def test_options_of_the_wrong_json_type_are_400(server: Server, field: str, value: Any) -> None:
+    """No coercion: a JSON true is not max_tokens 1, nor "0.5" a temperature."""
+    response = post(server, "/v1/chat/completions", {"model": MODEL, "messages": HELLO, field: value})
+    assert response.status_code == 400 and response.json()["error"]["param"] == field, response.text
 
 
 def test_a_top_p_that_rounds_to_zero_is_greedy_and_harms_nothing(server: Server) -> None:

@@ -72,7 +72,7 @@ def create_app(tokenizer: Tokenizer, scheduler: BatchScheduler, *, model_name: s
     def model_card() -> dict[str, Any]:
         return {"id": model_name, "object": "model", "created": created, "owned_by": "nanochat_rs"}
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])  # HEAD: what load balancers probe with
     async def health() -> JSONResponse:
         report = {"status": "ok", "model": model_name, **asdict(scheduler.load())}
         if scheduler.failure is None:
@@ -98,15 +98,14 @@ def create_app(tokenizer: Tokenizer, scheduler: BatchScheduler, *, model_name: s
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> JSONResponse | StreamingResponse:
         check_model(body.model)
         try:
-            prompt = render_for_completion(tokenizer, [message.model_dump() for message in body.messages])
+            prompt = render_for_completion(tokenizer, [message.as_turn() for message in body.messages])
         except ValueError as e:
             raise APIError(400, str(e), param="messages") from None
         generation = _Generation.submit(scheduler, request, prompt, body, "messages",
                                         lambda tokens: readable_reply(tokenizer, tokens))
         reply = _ChatReply(generation, model_name)
         if body.stream:
-            include_usage = body.stream_options is not None and body.stream_options.include_usage
-            return _sse(reply.chunks(include_usage))
+            return _sse(reply.chunks(_include_usage(body)))
         return JSONResponse(await reply.whole())
 
     @app.post("/v1/completions", response_model=None)
@@ -119,7 +118,7 @@ def create_app(tokenizer: Tokenizer, scheduler: BatchScheduler, *, model_name: s
         generation = _Generation.submit(scheduler, request, prompt, body, "prompt", tokenizer.decode)
         reply = _TextReply(generation, model_name)
         if body.stream:
-            return _sse(reply.chunks())
+            return _sse(reply.chunks(_include_usage(body)))
         return JSONResponse(await reply.whole())
 
     return app
@@ -237,7 +236,7 @@ class _Generation:
                 raise _scheduler_failed(scheduler) from None
             raise APIError(503, "the server is shutting down", type="server_error") from None
         except ValueError as e:  # e.g. the request's KV reservation exceeds the whole budget
-            raise APIError(400, str(e), param="max_tokens") from None
+            raise APIError(400, str(e), param=body.token_limit_param) from None
         return cls(request, prompt, handles, wake, render, [s for s in body.stop_strings if s])
 
     @property
@@ -326,13 +325,18 @@ def _sampling_params(scheduler: BatchScheduler, prompt: list[int], body: ChatCom
     room = context - len(prompt)
     max_tokens = room if body.token_limit is None else body.token_limit
     if not 1 <= max_tokens <= room:
-        raise APIError(400, f"max_tokens must be between 1 and {room} (the model's context of {context} tokens "
-                            f"minus the prompt's {len(prompt)}), got {max_tokens}", param="max_tokens")
+        name = body.token_limit_param
+        raise APIError(400, f"{name} must be between 1 and {room} (the model's context of {context} tokens "
+                            f"minus the prompt's {len(prompt)}), got {max_tokens}", param=name)
     try:
         return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_k=body.top_k,
                               top_p=body.top_p, seed=body.seed)
     except SamplingArgError as e:
         raise APIError(400, str(e), param=e.name) from None
+
+
+def _include_usage(body: ChatCompletionRequest | CompletionRequest) -> bool:
+    return body.stream_options is not None and body.stream_options.include_usage
 
 
 def _sse(events: AsyncIterator[dict[str, Any]]) -> StreamingResponse:
@@ -391,9 +395,11 @@ class _TextReply:
         self.base = {"id": f"cmpl-{secrets.token_hex(12)}", "object": "text_completion", "created": int(time.time()),
                      "model": model_name}
 
-    async def chunks(self) -> AsyncIterator[dict[str, Any]]:
+    async def chunks(self, include_usage: bool) -> AsyncIterator[dict[str, Any]]:
         async for index, text, finish in self.generation.updates():
             yield {**self.base, "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": finish}]}
+        if include_usage:
+            yield {**self.base, "choices": [], "usage": self.generation.usage()}
 
     async def whole(self) -> dict[str, Any]:
         async for _ in self.generation.updates():

@@ -39,26 +39,40 @@ def error_body(message: str, type: str, param: str | None = None, code: str | No
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-    role: str
-    # a str, or (assistant) a list of {"type": "text" | "python" | "python_output", "text": ...} parts
-    content: str | list[dict[str, Any]]
-
-
-class StreamOptions(BaseModel):
-    include_usage: bool = False
-
-
-class _SamplingRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class _WireModel(BaseModel):
+    # strict: a JSON true is not max_tokens 1, nor "0.5" a temperature (ints still pass as floats)
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     @model_validator(mode="before")
     @classmethod
     def _null_means_default(cls, data: Any) -> Any:
         # OpenAI reads an explicit null as "not given" (clients send e.g. "temperature": null)
         return {key: value for key, value in data.items() if value is not None} if isinstance(data, dict) else data
+
+
+class ChatMessage(_WireModel):
+    role: str
+    # a str, or a list of {"type": ..., "text": ...} parts: OpenAI's "text" parts for any role, and
+    # (assistant) this project's "python" / "python_output"; none (an assistant turn that only called a
+    # tool, in OpenAI's terms) is ""
+    content: str | list[dict[str, Any]] = ""
+
+    def as_turn(self) -> dict[str, Any]:
+        """The message as `nanochat_rs.conversation` takes it: OpenAI's "developer" role is the system
+        prompt, and the text parts of a user or system message are one text."""
+        role = "system" if self.role == "developer" else self.role
+        content = self.content
+        if role != "assistant" and isinstance(content, list) and all(
+                part.get("type") == "text" and isinstance(part.get("text"), str) for part in content):
+            content = "\n".join(part["text"] for part in content)
+        return {"role": role, "content": content}
+
+
+class StreamOptions(_WireModel):
+    include_usage: bool = False
+
+
+class _SamplingRequest(_WireModel):
 
     model: str
     stream: bool = False
@@ -82,6 +96,12 @@ class _SamplingRequest(BaseModel):
         if longest > MAX_STOP_CHARS:
             raise PydanticCustomError("stop_too_long", "a stop sequence may have at most {limit} characters, got "
                                       "{length}", {"limit": MAX_STOP_CHARS, "length": longest})
+        for text in stops:  # a lone surrogate could never match a reply: say so rather than ignore it
+            try:
+                text.encode()
+            except UnicodeEncodeError:
+                raise PydanticCustomError("invalid_unicode", "a stop sequence holds an unpaired surrogate, which is "
+                                          "not valid Unicode") from None
         return stop
 
     @property
@@ -92,6 +112,11 @@ class _SamplingRequest(BaseModel):
     def token_limit(self) -> int | None:
         return self.max_tokens
 
+    @property
+    def token_limit_param(self) -> str:
+        """The field `token_limit` came from, for error messages."""
+        return "max_tokens"
+
 
 class ChatCompletionRequest(_SamplingRequest):
     messages: list[ChatMessage]
@@ -100,6 +125,10 @@ class ChatCompletionRequest(_SamplingRequest):
     @property
     def token_limit(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    @property
+    def token_limit_param(self) -> str:
+        return "max_tokens" if self.max_completion_tokens is None else "max_completion_tokens"
 
 
 class CompletionRequest(_SamplingRequest):
