@@ -287,12 +287,14 @@ class Tokenizer:
         """
         first = self._resolve(prepend, "prepend")
         last = self._resolve(append, "append")
-        with _valid_unicode_only():
+        try:
             if isinstance(text, str):
                 ids = self._encoder.encode(text)
                 return ([first] if first is not None else []) + ids + ([last] if last is not None else [])
             if isinstance(text, list):
                 return self._encoder.encode_batch(text, first, last, _check_threads(num_threads))
+        except UnicodeEncodeError as error:
+            raise _not_unicode(error) from None
         raise TypeError(f"text must be a str or a list of str, got {type(text).__name__}")
 
     def encode_flat(self, texts: list[str] | pa.Array | pa.ChunkedArray, prepend: int | str | None = None,
@@ -305,8 +307,10 @@ class Tokenizer:
             return self.encode_arrow(texts, prepend=first, num_threads=num_threads)
         if not isinstance(texts, list):
             raise TypeError(f"texts must be a list of str or a pyarrow string array, got {type(texts).__name__}")
-        with _valid_unicode_only():
+        try:
             tokens, offsets = self._encoder.encode_flat(texts, first, _check_threads(num_threads))
+        except UnicodeEncodeError as error:
+            raise _not_unicode(error) from None
         return np.frombuffer(tokens, dtype=np.uint32), np.frombuffer(offsets, dtype=np.int64)
 
     def encode_arrow(self, array: pa.Array | pa.ChunkedArray, prepend: int | str | None = None,
@@ -396,16 +400,12 @@ class Tokenizer:
         return f"Tokenizer(vocab_size={self.vocab_size}, merges={len(self._vocab) - 256})"
 
 
-@contextlib.contextmanager
-def _valid_unicode_only() -> Iterator[None]:
+def _not_unicode(error: UnicodeEncodeError) -> ValueError:
     """A lone surrogate (a JSON "\\ud800" escape, or bytes decoded with surrogateescape) is not valid
     Unicode and has no UTF-8 form: say so instead of passing on the codec's error."""
-    try:
-        yield
-    except UnicodeEncodeError as error:
-        char = error.object[error.start:error.start + 1]
-        raise ValueError(f"the text holds an unpaired surrogate {char!r} at character {error.start}, which is "
-                         "not valid Unicode: only valid Unicode text can be encoded") from None
+    char = error.object[error.start:error.start + 1]
+    return ValueError(f"the text holds an unpaired surrogate {char!r} at character {error.start}, which is not "
+                      "valid Unicode: only valid Unicode text can be encoded")
 
 
 def _check_threads(num_threads: int | None) -> int | None:
