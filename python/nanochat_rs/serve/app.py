@@ -105,7 +105,7 @@ def create_app(tokenizer: Tokenizer, scheduler: BatchScheduler, *, model_name: s
                                         lambda tokens: readable_reply(tokenizer, tokens))
         reply = _ChatReply(generation, model_name)
         if body.stream:
-            return _sse(reply.chunks(_include_usage(body)))
+            return _sse(reply.chunks(body.include_usage))
         return JSONResponse(await reply.whole())
 
     @app.post("/v1/completions", response_model=None)
@@ -118,7 +118,7 @@ def create_app(tokenizer: Tokenizer, scheduler: BatchScheduler, *, model_name: s
         generation = _Generation.submit(scheduler, request, prompt, body, "prompt", tokenizer.decode)
         reply = _TextReply(generation, model_name)
         if body.stream:
-            return _sse(reply.chunks(_include_usage(body)))
+            return _sse(reply.chunks(body.include_usage))
         return JSONResponse(await reply.whole())
 
     return app
@@ -237,7 +237,7 @@ class _Generation:
             raise APIError(503, "the server is shutting down", type="server_error") from None
         except ValueError as e:  # e.g. the request's KV reservation exceeds the whole budget
             raise APIError(400, str(e), param=body.token_limit_param) from None
-        return cls(request, prompt, handles, wake, render, [s for s in body.stop_strings if s])
+        return cls(request, prompt, handles, wake, render, body.stop_strings)  # ReplyText drops empty stops
 
     @property
     def completion_tokens(self) -> int:
@@ -333,10 +333,6 @@ def _sampling_params(scheduler: BatchScheduler, prompt: list[int], body: ChatCom
                               top_p=body.top_p, seed=body.seed)
     except SamplingArgError as e:
         raise APIError(400, str(e), param=e.name) from None
-
-
-def _include_usage(body: ChatCompletionRequest | CompletionRequest) -> bool:
-    return body.stream_options is not None and body.stream_options.include_usage
 
 
 def _sse(events: AsyncIterator[dict[str, Any]]) -> StreamingResponse:

@@ -88,7 +88,7 @@ class _SamplingRequest(_WireModel):
     @field_validator("stop")
     @classmethod
     def _bounded_stops(cls, stop: str | list[str] | None) -> str | list[str] | None:
-        stops = [stop] if isinstance(stop, str) else stop or []
+        stops = _stop_list(stop)
         if len(stops) > MAX_STOP_STRINGS:
             raise PydanticCustomError("too_many_stops", "at most {limit} stop sequences are allowed, got {count}",
                                       {"limit": MAX_STOP_STRINGS, "count": len(stops)})
@@ -106,25 +106,25 @@ class _SamplingRequest(_WireModel):
 
     @property
     def stop_strings(self) -> list[str]:
-        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        return _stop_list(self.stop)
 
     @property
-    def token_limit(self) -> int | None:
-        return self.max_tokens
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
 
     @property
     def token_limit_param(self) -> str:
-        """The field `token_limit` came from, for error messages."""
+        """The field that limits the reply's tokens (named in error messages)."""
         return "max_tokens"
+
+    @property
+    def token_limit(self) -> int | None:
+        return getattr(self, self.token_limit_param)
 
 
 class ChatCompletionRequest(_SamplingRequest):
     messages: list[ChatMessage]
     max_completion_tokens: int | None = None  # OpenAI's newer name for max_tokens
-
-    @property
-    def token_limit(self) -> int | None:
-        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
     @property
     def token_limit_param(self) -> str:
@@ -133,3 +133,7 @@ class ChatCompletionRequest(_SamplingRequest):
 
 class CompletionRequest(_SamplingRequest):
     prompt: str
+
+
+def _stop_list(stop: str | list[str] | None) -> list[str]:
+    return [stop] if isinstance(stop, str) else list(stop or [])
